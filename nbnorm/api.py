@@ -1,0 +1,325 @@
+"""``forward`` and ``backward``: validation, dispatch and allocation.
+
+This is the only place that looks at user input.  Everything is checked before
+anything is written, so a call that raises has changed no output and no running
+statistic.  The kernels behind it (``nbnorm.cpu.ops``, ``nbnorm.cuda.ops``) take
+canonical views and scalars only.
+"""
+
+import math
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+from . import layout
+
+
+class ForwardResult(NamedTuple):
+    """What ``forward`` returns; each field is the caller's buffer where one was given."""
+
+    out: object
+    mean: object
+    invstd: object
+
+
+class BackwardResult(NamedTuple):
+    """What ``backward`` returns; each field is the caller's buffer where one was given."""
+
+    grad_input: object
+    grad_weight: object
+    grad_bias: object
+
+
+# ----------------------------------------------------------------- validation
+
+def _stat_dtype(dtype):
+    """The dtype of per-channel results for data of ``dtype``."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+def _check_data_dtype(a, name):
+    dt = a.dtype
+    if dt.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {dt}")
+    if dt.itemsize == 2:
+        raise TypeError(f"{name}: float16 is not supported by the CPU kernels; "
+                        "pass float32 or float64")
+    if dt.itemsize > 8:
+        raise TypeError(f"{name}: dtype {dt} is not supported; pass float32 or float64")
+
+
+def _input(a, name):
+    """An input as a native-byte-order ndarray (array-likes are converted)."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+        if a.dtype.kind in "iub":  # a list of Python numbers
+            raise TypeError(f"{name} must hold floating-point values, got dtype {a.dtype}")
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def _channel_input(a, name, C):
+    """An optional per-channel input (weight, bias, mean, invstd)."""
+    if a is None:
+        return None
+    a = _input(a, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
+                         f"got {a.shape}")
+    return a
+
+
+def _writable(a, name, shape, dtype):
+    """A caller-owned output or running statistic, checked for an in-place write."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray to be written in place, "
+                        f"got {type(a).__name__}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if dtype is None:
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    elif a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {a.dtype}")
+    if not a.dtype.isnative:
+        raise TypeError(f"{name} must be in native byte order")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return a
+
+
+def _output(a, name, shape, dtype):
+    """A preallocated output, checked; ``None`` (allocate later) stays ``None``."""
+    return None if a is None else _writable(a, name, shape, dtype)
+
+
+def _or_empty(a, shape, dtype):
+    return np.empty(shape, dtype=dtype) if a is None else a
+
+
+def _axis(axis, ndim):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
+    return axis % ndim
+
+
+def _scalar(value, name, low, high, low_open):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    ok = (low < v if low_open else low <= v) and v <= high
+    if not ok or math.isnan(v):
+        bound = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bound}{low}, {high}], got {value!r}")
+    return v
+
+
+def _same(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
+def _check_aliasing(outputs, inputs, may_be):
+    """Refuse outputs that overlap each other or an input.
+
+    ``may_be`` maps an output's name to the one input it may be exactly (an
+    elementwise kernel reads each element before writing it): ``out=x``.
+    """
+    named = [(k, v) for k, v in outputs.items() if v is not None]
+    for i, (na, a) in enumerate(named):
+        for nb, b in named[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{na} and {nb} overlap in memory")
+        for nb, b in inputs.items():
+            if b is None or not np.may_share_memory(a, b):
+                continue
+            if may_be.get(na) == nb and _same(a, b):
+                continue
+            raise ValueError(f"{na} overlaps the input {nb} in memory")
+
+
+def _batch_count(x, axis, training):
+    if x.size == 0:
+        raise ValueError(f"expected a non-empty input, got shape {x.shape}")
+    n = x.size // x.shape[axis]
+    if training and n <= 1:
+        raise ValueError("expected more than 1 value per channel when training, "
+                         f"got input size {x.shape}")
+    return n
+
+
+def _data(x):
+    x = _input(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {x.shape}")
+    _check_data_dtype(x, "x")
+    return x
+
+
+# ------------------------------------------------------------------- public
+
+def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+            training=True, momentum=0.1, eps=1e-5, axis=1,
+            out=None, mean=None, invstd=None):
+    """Batch normalization of ``x`` over every axis but the channel ``axis``.
+
+    Parameters
+    ----------
+    x : array, floating point, ``ndim >= 2``
+        The batch.  Any memory order is read without a copy as long as it is
+        contiguous in some axis order (C order, ``channels_last``, transposes).
+    weight, bias : array of shape ``(C,)``, optional
+        The affine parameters; ``None`` means scale 1 and shift 0.
+    running_mean, running_var : ndarray of shape ``(C,)``, optional
+        Running statistics, both or neither.  Updated in place when training:
+        ``running = (1 - momentum) * running + momentum * batch``, with the
+        unbiased batch variance.  Required for inference.
+    training : bool
+        Normalize with the batch statistics (True) or the running ones.
+    momentum : float in [0, 1]
+        The weight of the new batch (PyTorch's convention; Keras' ``m`` is ``1 - m``).
+    eps : float > 0
+        Added to the variance: ``invstd = 1 / sqrt(var + eps)``.
+    axis : int
+        The channel axis; negative values count from the end.
+    out, mean, invstd : ndarray, optional
+        Preallocated outputs: ``out`` like ``x`` (``out=x`` normalizes in place),
+        ``mean`` and ``invstd`` of shape ``(C,)`` and ``x``'s dtype.
+
+    Returns
+    -------
+    ForwardResult
+        ``(out, mean, invstd)``: the batch mean and ``1/sqrt(var_biased + eps)``
+        when training, the running mean and ``1/sqrt(running_var + eps)`` otherwise.
+
+    Raises
+    ------
+    TypeError
+        Non-floating or unsupported dtypes, outputs of the wrong dtype or type.
+    ValueError
+        Shape or axis mismatches, training with one value per channel, inference
+        without running statistics, read-only or overlapping outputs, ``eps`` or
+        ``momentum`` out of range.  Nothing has been written when it raises.
+    """
+    x = _data(x)
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    training = bool(training)
+    _batch_count(x, ax, training)
+    momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
+    eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
+    weight = _channel_input(weight, "weight", C)
+    bias = _channel_input(bias, "bias", C)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None:
+        _writable(running_mean, "running_mean", (C,), None)
+        _writable(running_var, "running_var", (C,), None)
+    elif not training:
+        raise ValueError("inference (training=False) needs running_mean and running_var")
+    sdt = _stat_dtype(x.dtype)
+    out = _output(out, "out", x.shape, x.dtype)
+    mean = _output(mean, "mean", (C,), sdt)
+    invstd = _output(invstd, "invstd", (C,), sdt)
+    _check_aliasing(
+        {"out": out, "mean": mean, "invstd": invstd,
+         "running_mean": running_mean, "running_var": running_var},
+        {"x": x, "weight": weight, "bias": bias}, {"out": "x"})
+    out = _or_empty(out, x.shape, x.dtype)
+    mean = _or_empty(mean, (C,), sdt)
+    invstd = _or_empty(invstd, (C,), sdt)
+
+    from .cpu import ops
+    lay = layout.plan(x, ax)
+    x3 = layout.input_view(x, lay)
+    out3, finish = layout.output_view(out, lay)
+    if training:
+        ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
+                          out3, mean, invstd)
+    else:
+        ops.forward_infer(x3, weight, bias, eps, running_mean, running_var,
+                          out3, mean, invstd)
+    finish()
+    return ForwardResult(out, mean, invstd)
+
+
+def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
+             grad_input=None, grad_weight=None, grad_bias=None):
+    """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``.
+
+    Parameters
+    ----------
+    grad_out : array like ``x``
+        The gradient of the loss with respect to ``forward``'s ``out``.
+    x : array
+        The input that ``forward`` normalized.
+    mean, invstd : array of shape ``(C,)``
+        What ``forward`` returned for ``x`` (batch statistics when training).
+    weight : array of shape ``(C,)``, optional
+        The scale used in ``forward``; ``None`` means 1.
+    training : bool
+        True: the full batch-norm gradient, in which the batch statistics
+        depend on ``x``.  False: the gradient of the affine map alone.
+    axis : int
+        The channel axis.
+    grad_input, grad_weight, grad_bias : ndarray, optional
+        Preallocated outputs (``grad_input`` like ``x``, the others ``(C,)``).
+        ``grad_input=grad_out`` computes in place.
+
+    Returns
+    -------
+    BackwardResult
+        ``(grad_input, grad_weight, grad_bias)`` with ``grad_weight =
+        sum(grad_out * (x - mean) * invstd)`` and ``grad_bias = sum(grad_out)``
+        over every axis but ``axis``, returned whether or not ``weight`` is given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for ``forward``; nothing has been written when it raises.
+    """
+    x = _data(x)
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    training = bool(training)
+    _batch_count(x, ax, training)
+    grad_out = _input(grad_out, "grad_out")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have x's shape {x.shape}, got {grad_out.shape}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    if mean is None or invstd is None:
+        raise ValueError("backward needs the mean and invstd that forward returned")
+    mean = _channel_input(mean, "mean", C)
+    invstd = _channel_input(invstd, "invstd", C)
+    weight = _channel_input(weight, "weight", C)
+    sdt = _stat_dtype(x.dtype)
+    grad_input = _output(grad_input, "grad_input", x.shape, x.dtype)
+    grad_weight = _output(grad_weight, "grad_weight", (C,), sdt)
+    grad_bias = _output(grad_bias, "grad_bias", (C,), sdt)
+    _check_aliasing(
+        {"grad_input": grad_input, "grad_weight": grad_weight, "grad_bias": grad_bias},
+        {"grad_out": grad_out, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
+        {"grad_input": "grad_out"})
+    grad_input = _or_empty(grad_input, x.shape, x.dtype)
+    grad_weight = _or_empty(grad_weight, (C,), sdt)
+    grad_bias = _or_empty(grad_bias, (C,), sdt)
+
+    from .cpu import ops
+    lay = layout.plan(x, ax)
+    x3 = layout.input_view(x, lay)
+    dy3 = layout.input_view(grad_out, lay)
+    dx3, finish = layout.output_view(grad_input, lay)
+    ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias)
+    finish()
+    return BackwardResult(grad_input, grad_weight, grad_bias)

@@ -1,0 +1,1 @@
+"""Numba CPU kernels; ``ops`` runs them for ``nbnorm.api``."""

@@ -1,0 +1,81 @@
+"""Canonical ``(outer, C, inner)`` views of an array with a channel axis.
+
+Any array whose memory is contiguous in *some* axis order (C order, Fortran
+order, PyTorch's ``channels_last``, any transpose of a contiguous array) is
+viewed without a copy: its axes are permuted into memory order first, then the
+axes before the channel axis merge into ``outer`` and those after it into
+``inner``.  ``inner == 1`` is the *interleaved* pattern (NC, NHWC), ``inner > 1``
+the *planar* one (NCL, NCHW).  Only arrays with gaps or negative strides are
+copied, and only when they are inputs.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Layout(NamedTuple):
+    order: tuple  # axis permutation that puts x's axes in memory order
+    shape: tuple  # (outer, C, inner)
+
+    @property
+    def planar(self):
+        return self.shape[2] > 1
+
+
+def _memory_order(a):
+    """Axes sorted by decreasing stride; ties keep their logical order."""
+    return tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+
+
+def plan(x, axis):
+    """The layout of ``x`` (``axis`` already normalized to ``0 <= axis < ndim``)."""
+    order = tuple(range(x.ndim))
+    if not x.flags.c_contiguous:
+        candidate = _memory_order(x)
+        if x.transpose(candidate).flags.c_contiguous:
+            order = candidate
+    caxis = order.index(axis)
+    shape = tuple(x.shape[i] for i in order)
+    outer = int(np.prod(shape[:caxis], dtype=np.int64))
+    inner = int(np.prod(shape[caxis + 1:], dtype=np.int64))
+    return Layout(order, (outer, shape[caxis], inner))
+
+
+def _kernel_shape(lay):
+    return lay.shape if lay.planar else lay.shape[:2]
+
+
+def _view(a, lay):
+    """The canonical view of ``a``, or None where it would need a copy."""
+    t = a.transpose(lay.order)
+    return t.reshape(_kernel_shape(lay)) if t.flags.c_contiguous else None
+
+
+def input_view(a, lay):
+    """Canonical view of an input; a contiguous copy only where no view exists."""
+    v = _view(a, lay)
+    if v is None:
+        v = np.ascontiguousarray(a.transpose(lay.order)).reshape(_kernel_shape(lay))
+    return v
+
+
+def output_view(a, lay):
+    """``(view, finish)``: the kernel writes ``view``; ``finish()`` makes ``a`` hold it.
+
+    Where ``a`` has no canonical view, the kernel writes a temporary that
+    ``finish`` copies into ``a``.
+    """
+    v = _view(a, lay)
+    if v is not None:
+        return v, _nothing
+    tmp = np.empty(_kernel_shape(lay), dtype=a.dtype)
+
+    def finish():
+        np.copyto(a.transpose(lay.order), tmp.reshape([a.shape[i] for i in lay.order]))
+
+    return tmp, finish
+
+
+def _nothing():
+    pass
