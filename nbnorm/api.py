@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import layout
+from . import guard, layout
 
 
 class ForwardResult(NamedTuple):
@@ -50,13 +50,22 @@ def _check_data_dtype(a, name):
 
 
 def _input(a, name):
-    """An input as a native-byte-order ndarray (array-likes are converted)."""
+    """An input as an aligned, native-byte-order ndarray (array-likes are converted).
+
+    Inputs are converted (a copy for big-endian or unaligned data, so that the
+    kernels see one kind of array); outputs are refused instead (``_writable``).
+    """
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask nbnorm would ignore; "
+                        f"pass {name}.filled(...) or a plain ndarray")
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
         if a.dtype.kind in "iub":  # a list of Python numbers
             raise TypeError(f"{name} must hold floating-point values, got dtype {a.dtype}")
     if a.dtype.kind == "f" and not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.aligned:
+        a = a.copy(order="K")
     return a
 
 
@@ -70,7 +79,7 @@ def _channel_input(a, name, C):
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
                          f"got {a.shape}")
-    return a
+    return np.ascontiguousarray(a)  # O(C); one kernel signature for every caller
 
 
 def _writable(a, name, shape, dtype):
@@ -89,7 +98,28 @@ def _writable(a, name, shape, dtype):
         raise TypeError(f"{name} must be in native byte order")
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    if not a.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its dtype; pass an aligned array")
+    if _overlaps_itself(a):
+        raise ValueError(f"{name} has overlapping elements (zero or overlapping strides)")
     return a
+
+
+def _overlaps_itself(a):
+    """True unless ``a``'s strides provably give every element its own memory.
+
+    Axes sorted by stride must each step over the whole extent of the smaller
+    ones: true of every layout that ``np.empty`` and slicing produce, false for
+    broadcasts and most ``as_strided`` tricks.
+    """
+    if a.size == 0:
+        return False
+    extent = a.itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
 
 
 def _output(a, name, shape, dtype):
@@ -113,14 +143,44 @@ def _axis(axis, ndim):
 
 def _scalar(value, name, low, high, low_open):
     try:
+        if isinstance(value, (str, bytes)):  # float("0.1") would parse it
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r}") from None
     ok = (low < v if low_open else low <= v) and v <= high
-    if not ok or math.isnan(v):
-        bound = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bound}{low}, {high}], got {value!r}")
+    if not ok or not math.isfinite(v):
+        lo = "(" if low_open else "["
+        hi = f"{high}]" if math.isfinite(high) else "inf)"
+        raise ValueError(f"{name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
     return v
+
+
+def _flag(value, name):
+    """A bool argument: bools and the integers 0 and 1, nothing truthy by accident."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a bool, got {value!r}") from None
+    if v not in (0, 1):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(v)
+
+
+_TooHard = getattr(np, "exceptions", np).TooHardError
+
+
+def _overlap(a, b):
+    """Whether ``a`` and ``b`` share memory: exact for the common cases
+    (interleaved views of one buffer do not overlap), "yes" when in doubt."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=10_000)
+    except _TooHard:
+        return True
 
 
 def _same(a, b):
@@ -137,10 +197,10 @@ def _check_aliasing(outputs, inputs, may_be):
     named = [(k, v) for k, v in outputs.items() if v is not None]
     for i, (na, a) in enumerate(named):
         for nb, b in named[i + 1:]:
-            if np.may_share_memory(a, b):
+            if _overlap(a, b):
                 raise ValueError(f"{na} and {nb} overlap in memory")
         for nb, b in inputs.items():
-            if b is None or not np.may_share_memory(a, b):
+            if b is None or not _overlap(a, b):
                 continue
             if may_be.get(na) == nb and _same(a, b):
                 continue
@@ -170,7 +230,7 @@ def _data(x):
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training=True, momentum=0.1, eps=1e-5, axis=1,
-            out=None, mean=None, invstd=None):
+            out=None, mean=None, invstd=None, on_nonfinite="propagate"):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
     Parameters
@@ -195,6 +255,15 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     out, mean, invstd : ndarray, optional
         Preallocated outputs: ``out`` like ``x`` (``out=x`` normalizes in place),
         ``mean`` and ``invstd`` of shape ``(C,)`` and ``x``'s dtype.
+    on_nonfinite : {"propagate", "skip", "raise"}
+        What a training step does when a channel's batch mean or variance is not
+        finite (NaN/inf in ``x``).  ``"propagate"`` (PyTorch's behaviour): NaN/inf
+        reach the outputs and the running statistics.  ``"skip"``: the outputs are
+        the same, but those channels' running statistics keep their old values;
+        they are the channels where the returned ``mean`` or ``invstd`` is not
+        finite (or ``invstd`` is 0: float64 data beyond ~1e154, whose variance
+        overflows).  ``"raise"``: ``FloatingPointError`` before anything is
+        written.  The check is O(C).  Inference ignores it.
 
     Returns
     -------
@@ -209,12 +278,17 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     ValueError
         Shape or axis mismatches, training with one value per channel, inference
         without running statistics, read-only or overlapping outputs, ``eps`` or
-        ``momentum`` out of range.  Nothing has been written when it raises.
+        ``momentum`` out of range, an unknown ``on_nonfinite``.  Nothing has been
+        written when it raises.
+    FloatingPointError
+        ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
+        nothing has been written.
     """
     x = _data(x)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
-    training = bool(training)
+    training = _flag(training, "training")
+    on_nonfinite = guard.check_policy(on_nonfinite)
     _batch_count(x, ax, training)
     momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
@@ -222,9 +296,14 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     bias = _channel_input(bias, "bias", C)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
+    running = {"running_mean": running_mean, "running_var": running_var}
+    if running_mean is not None and training:  # updated in place
         _writable(running_mean, "running_mean", (C,), None)
         _writable(running_var, "running_var", (C,), None)
+    elif running_mean is not None:  # inference only reads them: read-only is fine
+        running_mean = _channel_input(running_mean, "running_mean", C)
+        running_var = _channel_input(running_var, "running_var", C)
+        running = {"running_mean": running_mean, "running_var": running_var}
     elif not training:
         raise ValueError("inference (training=False) needs running_mean and running_var")
     sdt = _stat_dtype(x.dtype)
@@ -232,9 +311,9 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     mean = _output(mean, "mean", (C,), sdt)
     invstd = _output(invstd, "invstd", (C,), sdt)
     _check_aliasing(
-        {"out": out, "mean": mean, "invstd": invstd,
-         "running_mean": running_mean, "running_var": running_var},
-        {"x": x, "weight": weight, "bias": bias}, {"out": "x"})
+        {"out": out, "mean": mean, "invstd": invstd, **(running if training else {})},
+        {"x": x, "weight": weight, "bias": bias, **({} if training else running)},
+        {"out": "x"})
     out = _or_empty(out, x.shape, x.dtype)
     mean = _or_empty(mean, (C,), sdt)
     invstd = _or_empty(invstd, (C,), sdt)
@@ -245,7 +324,7 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     out3, finish = layout.output_view(out, lay)
     if training:
         ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
-                          out3, mean, invstd)
+                          out3, mean, invstd, on_nonfinite=on_nonfinite)
     else:
         ops.forward_infer(x3, weight, bias, eps, running_mean, running_var,
                           out3, mean, invstd)
@@ -291,7 +370,7 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     x = _data(x)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
-    training = bool(training)
+    training = _flag(training, "training")
     _batch_count(x, ax, training)
     grad_out = _input(grad_out, "grad_out")
     if grad_out.shape != x.shape:

@@ -8,10 +8,11 @@ only runs kernels on ``(outer, C, inner)`` (planar) or ``(outer, C)``
 
 import numpy as np
 
-from .. import config
+from .. import config, guard
 from . import backward as bwd
 from . import forward as fwd
 from . import stats
+from .threads import serialized
 
 
 def empty(shape, dtype):
@@ -49,11 +50,14 @@ def normalize(x, center, scale, shift, out):
     kernel(x, center, scale, shift, out)
 
 
+@serialized
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
-                  out, mean, invstd):
+                  out, mean, invstd, on_nonfinite="propagate"):
     C = x.shape[1]
     n = _count(x)
     mu, m2 = batch_moments(x)
+    # on_nonfinite: O(C), decided (or raised) before anything is written.
+    keep = guard.running_update_mask(mu, m2, on_nonfinite)
     inv = 1.0 / np.sqrt(m2 / n + eps)
     normalize(x, mu, inv * _per_channel(weight, C, 1.0), _per_channel(bias, C, 0.0), out)
     mean[...] = mu
@@ -62,19 +66,25 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         # Computed whole before either is written: never half-updated.
         new_mean = (1.0 - momentum) * running_mean + momentum * mu
         new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+        if keep is not None:  # on_nonfinite="skip": bad channels keep their value
+            new_mean = np.where(keep, new_mean, running_mean)
+            new_var = np.where(keep, new_var, running_var)
         running_mean[...] = new_mean
         running_var[...] = new_var
 
 
+@serialized
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
     C = x.shape[1]
-    mu = np.asarray(running_mean, dtype=np.float64)
+    # Contiguous: strided running stats must not compile another kernel signature.
+    mu = np.ascontiguousarray(running_mean, dtype=np.float64)
     inv = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
     normalize(x, mu, inv * _per_channel(weight, C, 1.0), _per_channel(bias, C, 0.0), out)
     mean[...] = mu
     invstd[...] = inv
 
 
+@serialized
 def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
     C = x.shape[1]
     n = _count(x)
