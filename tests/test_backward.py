@@ -1,0 +1,204 @@
+"""nbnorm.backward against the float64 reference, PyTorch autograd and central
+differences of nbnorm.forward, with preallocated and in-place outputs."""
+
+import numpy as np
+import pytest
+
+import nbnorm
+from nbnorm import config, reference
+from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL, TORCH_TOL,
+                     as_memory, assert_close, assert_same, channel, data, positive,
+                     torch_backward)
+
+
+def _case(rng, shape, axis, dtype, affine, training):
+    """(grad_out, x, weight, bias, running_mean, running_var, mean, invstd)."""
+    C = shape[axis]
+    x = data(rng, shape, dtype)
+    dy = data(rng, shape, dtype)
+    w = channel(rng, C, dtype) if affine else None
+    b = channel(rng, C, dtype) if affine else None
+    rm, rv = channel(rng, C, dtype), positive(rng, C, dtype)
+    fwd = nbnorm.forward(x, w, b, rm.copy(), rv.copy(), training=training, axis=axis)
+    return dy, x, w, b, rm, rv, fwd.mean, fwd.invstd
+
+
+def _check(res, exp, dtype, tol_table=REF_TOL):
+    tol = tol_table[np.dtype(dtype)]
+    assert_close(res[0], exp[0], tol, "grad_input")
+    assert_close(res[1], exp[1], tol, "grad_weight")
+    assert_close(res[2], exp[2], tol, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape,axis", LAYOUT_PARAMS, ids=LAYOUT_IDS)
+def test_matches_reference(rng, shape, axis, affine, training, dtype):
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, affine, training)
+    dy0, x0 = dy.copy(), x.copy()
+    res = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    assert isinstance(res, nbnorm.BackwardResult)
+    C = shape[axis]
+    assert res.grad_input.dtype == dtype and res.grad_input.shape == shape
+    assert res.grad_weight.dtype == dtype and res.grad_weight.shape == (C,)
+    assert res.grad_bias.dtype == dtype and res.grad_bias.shape == (C,)
+    assert_same(dy, dy0, "grad_out changed")
+    assert_same(x, x0, "x changed")
+    exp = reference.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    _check(res, exp, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape,axis", LAYOUT_PARAMS, ids=LAYOUT_IDS)
+def test_matches_torch_autograd(rng, shape, axis, affine, training, dtype):
+    pytest.importorskip("torch")
+    eps = 1e-5
+    dy, x, w, b, rm, rv, mean, invstd = _case(rng, shape, axis, dtype, affine, training)
+    exp = torch_backward(dy, x, w, b, rm, rv, training=training, eps=eps, axis=axis)
+    res = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    _check(res, exp, dtype, TORCH_TOL)
+
+
+# ------------------------------------------------------ central differences
+
+def _loss(x, w, b, rm, rv, R, training, axis):
+    out = nbnorm.forward(x, w, b, None if training else rm, None if training else rv,
+                         training=training, eps=1e-3, axis=axis).out
+    return float(np.sum(out * R))
+
+
+def _numeric_grad(f, a, h=1e-6):
+    g = np.empty_like(a)
+    flat, gflat = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        v = flat[i]
+        flat[i] = v + h
+        fp = f()
+        flat[i] = v - h
+        fm = f()
+        flat[i] = v
+        gflat[i] = (fp - fm) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("shape,axis", [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 2, 3), -1)],
+                         ids=["planar", "interleaved", "NHWC"])
+def test_central_differences(rng, shape, axis, training):
+    """backward is the gradient of L = sum(forward(x, w, b).out * R) in float64."""
+    C = shape[axis]
+    x = data(rng, shape, np.float64)
+    w, b = channel(rng, C, np.float64), channel(rng, C, np.float64)
+    rm, rv = channel(rng, C, np.float64), positive(rng, C, np.float64)
+    R = data(rng, shape, np.float64)
+
+    def f():
+        return _loss(x, w, b, rm, rv, R, training, axis)
+
+    gx, gw, gb = _numeric_grad(f, x), _numeric_grad(f, w), _numeric_grad(f, b)
+    fwd = nbnorm.forward(x, w, b, None if training else rm, None if training else rv,
+                         training=training, eps=1e-3, axis=axis)
+    res = nbnorm.backward(R, x, fwd.mean, fwd.invstd, w, training=training, axis=axis)
+    tol = dict(rtol=1e-6, atol=1e-7)
+    assert_close(res.grad_input, gx, tol, "grad_input")
+    assert_close(res.grad_weight, gw, tol, "grad_weight")
+    assert_close(res.grad_bias, gb, tol, "grad_bias")
+
+
+def test_gradients_without_weight(rng):
+    """weight=None means 1: the gradients equal those with an explicit ones weight,
+    and grad_weight/grad_bias are still returned."""
+    x = data(rng, (4, 3, 5), np.float64)
+    dy = data(rng, x.shape, np.float64)
+    fwd = nbnorm.forward(x)
+    res = nbnorm.backward(dy, x, fwd.mean, fwd.invstd)
+    exp = nbnorm.backward(dy, x, fwd.mean, fwd.invstd, np.ones(3))
+    for a, e in zip(res, exp):
+        assert_close(a, e, REF_TOL[x.dtype])
+
+
+# ------------------------------------------------------------ outputs
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1), ((3, 5, 4, 6), -1)],
+                         ids=["NCHW", "NC", "NHWC"])
+def test_preallocated_outputs(rng, shape, axis, training, dtype):
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
+    C = shape[axis]
+    gi = np.full(shape, np.nan, dtype)
+    gw = np.full(C, np.nan, dtype)
+    gb = np.full(C, np.nan, dtype)
+    res = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis,
+                          grad_input=gi, grad_weight=gw, grad_bias=gb)
+    assert res.grad_input is gi and res.grad_weight is gw and res.grad_bias is gb
+    assert np.isfinite(gi).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
+    exp = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    for a, e in zip(res, exp):
+        assert_same(a, e)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("kind", ["C", "fortran", "stepped", "channels_last"])
+@pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1)],
+                         ids=["planar", "interleaved"])
+def test_in_place(rng, shape, axis, kind, training):
+    """``grad_input=grad_out`` computes in place, in any memory layout of grad_out."""
+    dtype = np.float64
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
+    exp = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    g = dy.copy() if kind == "C" else as_memory(dy, kind, axis)
+    res = nbnorm.backward(g, x, mean, invstd, w, training=training, axis=axis,
+                          grad_input=g)
+    assert res.grad_input is g
+    assert_close(g, exp.grad_input, REF_TOL[np.dtype(dtype)])
+    assert_close(res.grad_weight, exp.grad_weight, REF_TOL[np.dtype(dtype)])
+    assert_close(res.grad_bias, exp.grad_bias, REF_TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5, 6), 1), ((5, 6, 4, 3), -1), ((7, 5), 1)],
+                         ids=["NCHW", "NHWC", "NC"])
+def test_memory_layouts(rng, shape, axis, kind, dtype):
+    """Inputs in any memory order or stride give the answer of contiguous copies."""
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, True)
+    exp = nbnorm.backward(dy, x, mean, invstd, w, axis=axis)
+    xs, dys = as_memory(x, kind, axis), as_memory(dy, kind, axis)
+    res = nbnorm.backward(dys, xs, mean, invstd, w, axis=axis)
+    assert_same(xs, x)
+    assert_same(dys, dy)
+    for a, e in zip(res, exp):
+        assert_close(a, e, REF_TOL[np.dtype(dtype)])
+    gi = as_memory(np.full(shape, np.nan, dtype), kind, axis)
+    res = nbnorm.backward(dy, x, mean, invstd, w, axis=axis, grad_input=gi)
+    assert res.grad_input is gi
+    assert_close(gi, exp.grad_input, REF_TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((40, 5, 5, 6), -1)],
+                         ids=["planar", "interleaved", "NHWC"])
+def test_many_parts(rng, monkeypatch, shape, axis, dtype):
+    """Reductions split into many parts still match the reference."""
+    monkeypatch.setattr(config, "BLOCK", 37)
+    monkeypatch.setattr(config, "MIN_PART", 100)
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, True)
+    res = nbnorm.backward(dy, x, mean, invstd, w, axis=axis)
+    exp = reference.backward(dy, x, mean, invstd, w, axis=axis)
+    _check(res, exp, dtype)
+
+
+def test_large_offset(rng):
+    """float32 data offset by 1e4: the reductions subtract the mean in float64."""
+    x = (rng.standard_normal((16, 3, 2000)) + 1e4).astype(np.float32)
+    dy = data(rng, x.shape, np.float32)
+    fwd = nbnorm.forward(x)
+    res = nbnorm.backward(dy, x, fwd.mean, fwd.invstd)
+    exp = reference.backward(dy, x, fwd.mean, fwd.invstd)
+    assert_close(res.grad_bias, exp.grad_bias, dict(rtol=1e-5, atol=1e-3))
+    assert_close(res.grad_weight, exp.grad_weight, dict(rtol=1e-5, atol=1e-3))
+    assert_close(res.grad_input, exp.grad_input, dict(rtol=1e-5, atol=1e-5))
