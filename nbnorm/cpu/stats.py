@@ -37,7 +37,9 @@ def chan_merge(na, ma, m2a, nb, mb, m2b):
     n = na + nb
     d = mb - ma
     f = nb / n
-    return n, ma + d * f, m2a + m2b + d * d * na * f
+    # (d * na) first: merging into an empty accumulator (na = 0) must add 0, not
+    # d*d*0, which is NaN once |d| > 1.3e154 (d*d overflows) although M2 may be finite.
+    return n, ma + d * f, m2a + m2b + (d * na) * (d * f)
 
 
 @njit(cache=True, fastmath=_FM)
