@@ -11,9 +11,10 @@ or not chosen yet (the very first launches).  Under omp/tbb it costs one global
 read per call; under workqueue concurrent calls take turns, each still using all
 of Numba's threads.
 
-Measured on the 2-core dev machine (numba 0.68, omp layer; forward+backward on
-an (8, 4, 16) float32 batch): a call costs ~30 us of Python and launch overhead;
-the guard adds ~0.1 us to it (an uncontended lock ~0.05 us).  See README "Threads".
+Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
+costs ~0.1 us per call (the layer check) under omp, ~0.15 us more when it takes
+the uncontended lock; a forward+backward pair of the smallest shapes costs
+60-150 us, so the guard is below 1%.  See README "Threads".
 """
 
 import functools
