@@ -89,13 +89,13 @@ def _writable(a, name, shape, dtype):
                         f"got {type(a).__name__}")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if not a.dtype.isnative:  # before the dtype: '>f4' is not "the wrong dtype"
+        raise TypeError(f"{name} must be in native byte order, got dtype {a.dtype.str}")
     if dtype is None:
         if a.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     elif a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {a.dtype}")
-    if not a.dtype.isnative:
-        raise TypeError(f"{name} must be in native byte order")
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only")
     if not a.flags.aligned:
