@@ -1,0 +1,183 @@
+"""Per-channel batch statistics on the GPU: Welford/Chan partials per block.
+
+First pass (these kernels): every thread reduces its share of one channel in
+register blocks of ``unroll`` values -- sum, then squared deviations from the
+block mean, the block's exact ``(count, mean, M2)`` Chan-merged into the
+thread's triple (one division per ``unroll`` values, never ``E[x^2] - E[x]^2``)
+-- accumulating in float64 for either dtype.  Threads then merge by warp
+shuffles and a shared-memory tree (``_device.reducers``), and one thread per
+(channel, block) writes the block's triple to ``partials[3, C, parts]``.
+
+Second pass: ``finalize`` merges a channel's ``parts`` triples in index order.
+The split is a function of the shape and ``config`` only, and no float atomics
+are used, so a result is the same on every run.
+
+Loads are coalesced: planar data is read by a block's threads along a channel's
+runs of ``inner`` values (consecutive threads, consecutive addresses);
+interleaved data by threads across channels (``bx`` columns) of ``by`` rows at
+a time.  A channel is split across ``parts`` blocks so that a large GPU fills
+even when ``C`` is small.
+"""
+
+import functools
+
+from numba import cuda, float64
+
+from .. import config
+from ._device import column_width, merge, reducers
+
+
+def _split(n, want):
+    """``(parts, step)``: ``n`` items in ``parts`` nonempty ranges of ``step``."""
+    parts = max(1, min(want, n))
+    step = -(-n // parts)
+    return -(-n // step), step
+
+
+def planar_parts(outer, C, inner):
+    """``(parts, step)`` per channel of a planar reduction: shape and config only."""
+    n = outer * inner
+    wanted = -(-config.CUDA_TARGET_BLOCKS // C)
+    most = max(1, n // config.CUDA_MIN_BLOCK_ELEMENTS)
+    return _split(n, min(wanted, most))
+
+
+def interleaved_parts(outer, C, tpb):
+    """``(bx, parts, step)`` of an interleaved reduction: ``bx`` channels per block,
+    ``parts`` row ranges of ``step`` rows each."""
+    bx = column_width(C, tpb)
+    cblocks = -(-C // bx)
+    wanted = -(-config.CUDA_TARGET_BLOCKS // cblocks)
+    most = max(1, (outer * bx) // config.CUDA_MIN_BLOCK_ELEMENTS)
+    return (bx,) + _split(outer, min(wanted, most))
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(tpb, shuffle, unroll):
+    """The statistics kernels for one configuration: name -> CUDA dispatcher."""
+    block_merge, _ = reducers(tpb, shuffle)
+
+    @cuda.jit
+    def channel_stats_planar(x, parts, step, partials):
+        outer, C, inner = x.shape
+        n_all = outer * inner
+        b = cuda.blockIdx.x
+        c = b // parts
+        p = b - c * parts
+        t = cuda.threadIdx.x
+        j1 = min(n_all, (p + 1) * step)
+        # Element j of the channel is x[o, c, i] with o, i = divmod(j, inner);
+        # stepping j by tpb steps (o, i) by divmod(tpb, inner), no division per element.
+        do = tpb // inner
+        di = tpb - do * inner
+        j = p * step + t
+        o = j // inner
+        i = j - o * inner
+        buf = cuda.local.array(unroll, float64)
+        n = 0.0
+        m = 0.0
+        q = 0.0
+        while j < j1:
+            k = 0
+            if j + (unroll - 1) * tpb < j1:  # a full register block: unrolled
+                for u in range(unroll):
+                    buf[u] = x[o, c, i]
+                    j += tpb
+                    o += do
+                    i += di
+                    if i >= inner:
+                        i -= inner
+                        o += 1
+                k = unroll
+            else:
+                while j < j1:
+                    buf[k] = x[o, c, i]
+                    k += 1
+                    j += tpb
+                    o += do
+                    i += di
+                    if i >= inner:
+                        i -= inner
+                        o += 1
+            s = 0.0
+            for u in range(k):
+                s += buf[u]
+            bm = s / k
+            bq = 0.0
+            for u in range(k):
+                d = buf[u] - bm
+                bq += d * d
+            n, m, q = merge(n, m, q, float(k), bm, bq)
+        sn = cuda.shared.array(tpb, float64)
+        sm = cuda.shared.array(tpb, float64)
+        sq = cuda.shared.array(tpb, float64)
+        n, m, q = block_merge(n, m, q, t, 1, sn, sm, sq)
+        if t == 0:
+            partials[0, c, p] = n
+            partials[1, c, p] = m
+            partials[2, c, p] = q
+
+    @cuda.jit
+    def channel_stats_interleaved(x, bx, parts, step, partials):
+        outer, C = x.shape
+        cblocks = (C + bx - 1) // bx
+        b = cuda.blockIdx.x
+        p = b // cblocks
+        t = cuda.threadIdx.x
+        ty = t // bx
+        by = tpb // bx
+        c = (b - p * cblocks) * bx + (t - ty * bx)
+        r1 = min(outer, (p + 1) * step)
+        buf = cuda.local.array(unroll, float64)
+        n = 0.0
+        m = 0.0
+        q = 0.0
+        r = p * step + ty
+        if c >= C:
+            r = r1  # a column past the last channel: contributes nothing
+        while r < r1:
+            k = 0
+            if r + (unroll - 1) * by < r1:
+                for u in range(unroll):
+                    buf[u] = x[r, c]
+                    r += by
+                k = unroll
+            else:
+                while r < r1:
+                    buf[k] = x[r, c]
+                    k += 1
+                    r += by
+            s = 0.0
+            for u in range(k):
+                s += buf[u]
+            bm = s / k
+            bq = 0.0
+            for u in range(k):
+                d = buf[u] - bm
+                bq += d * d
+            n, m, q = merge(n, m, q, float(k), bm, bq)
+        sn = cuda.shared.array(tpb, float64)
+        sm = cuda.shared.array(tpb, float64)
+        sq = cuda.shared.array(tpb, float64)
+        n, m, q = block_merge(n, m, q, t, bx, sn, sm, sq)
+        if ty == 0 and c < C:
+            partials[0, c, p] = n
+            partials[1, c, p] = m
+            partials[2, c, p] = q
+
+    return {"channel_stats_planar": channel_stats_planar,
+            "channel_stats_interleaved": channel_stats_interleaved}
+
+
+def channel_stats_planar(x, partials, parts, step, stream, params):
+    """Launch: ``partials[:, c, p]`` = (count, mean, M2) of part ``p`` of channel ``c``."""
+    tpb, shuffle, unroll = params
+    k = kernels(tpb, shuffle, unroll)["channel_stats_planar"]
+    k[x.shape[1] * parts, tpb, stream](x, parts, step, partials)
+
+
+def channel_stats_interleaved(x, partials, bx, parts, step, stream, params):
+    """Launch: as ``channel_stats_planar`` for an ``(outer, C)`` view."""
+    tpb, shuffle, unroll = params
+    k = kernels(tpb, shuffle, unroll)["channel_stats_interleaved"]
+    k[-(-x.shape[1] // bx) * parts, tpb, stream](x, bx, parts, step, partials)
