@@ -1,0 +1,120 @@
+"""Results are bitwise identical for every thread count (issue 2, item 3).
+
+The reductions are split into parts by the shape only and merged in part order,
+so ``NUMBA_NUM_THREADS=1`` and ``2`` must give the same bits.  Each thread count
+runs in its own subprocess (Numba fixes the pool size at start-up), on shapes
+that split into many parts, both with the shipped ``nbnorm.config`` and with
+tiny blocks and parts; the subprocesses report SHA-256 digests of every output.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import nbnorm
+from nbnorm import config
+
+# (name, shape, axis, dtype): planar and interleaved shapes large enough for
+# several parts with the shipped config.  Each pattern in float64 too: a
+# float32 result can round a last-bit difference of the float64 sums away.
+CASES = [
+    ("planar-f32", (4, 3, 65536), 1, "float32"),
+    ("interleaved-f32", (100000, 8), 1, "float32"),
+    ("NHWC-f64", (16, 32, 32, 24), -1, "float64"),
+    ("planar-f64", (2, 5, 40000), 1, "float64"),
+]
+# The same with tiny blocks and parts: many Chan merges on small data.
+SMALL = dict(BLOCK=64, MIN_PART=256)
+SMALL_CASES = [
+    ("planar-small-f64", (5, 3, 1001), 1, "float64"),
+    ("interleaved-small-f64", (2001, 7), 1, "float64"),
+    ("interleaved-small-f32", (3001, 3), 1, "float32"),
+    ("NCHW-small-f32", (3, 4, 17, 19), 1, "float32"),
+    ("NHWC-small-f64", (6, 9, 11, 5), -1, "float64"),
+]
+
+CHILD = r"""
+import hashlib, json, sys
+import numba
+import numpy as np
+import nbnorm
+from nbnorm import config
+
+spec = json.loads(sys.argv[1])
+assert numba.config.NUMBA_NUM_THREADS == spec["threads"], numba.config.NUMBA_NUM_THREADS
+for name, value in spec["config"].items():
+    setattr(config, name, value)
+
+def digest(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+report = {}
+for i, (name, shape, axis, dtype) in enumerate(spec["cases"]):
+    rng = np.random.default_rng(spec["seed"] + i)
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 2.0 + 7.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.uniform(-1.0, 1.0, C).astype(dtype)
+    rm = rng.uniform(-1.0, 1.0, C).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, C).astype(dtype)
+    f = nbnorm.forward(x, w, b, rm, rv, axis=axis)
+    g = nbnorm.backward(dy, x, f.mean, f.invstd, w, axis=axis)
+    fi = nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis)
+    gi = nbnorm.backward(dy, x, fi.mean, fi.invstd, w, training=False, axis=axis)
+    arrays = dict(out=f.out, mean=f.mean, invstd=f.invstd, running_mean=rm,
+                  running_var=rv, grad_input=g.grad_input, grad_weight=g.grad_weight,
+                  grad_bias=g.grad_bias, infer_out=fi.out, infer_grad_input=gi.grad_input,
+                  infer_grad_weight=gi.grad_weight, infer_grad_bias=gi.grad_bias)
+    report[name] = {k: digest(v) for k, v in arrays.items()}
+print(json.dumps(report))
+"""
+
+
+def _run(threads, cases, cfg, seed):
+    env = dict(os.environ)
+    env["NUMBA_NUM_THREADS"] = str(threads)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nbnorm.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
+    spec = dict(threads=threads, cases=cases, config=cfg, seed=seed)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _parts(shape, axis):
+    from nbnorm.cpu import stats
+
+    axis %= len(shape)
+    outer = int(np.prod(shape[:axis]))
+    inner = int(np.prod(shape[axis + 1:]))
+    if inner > 1:
+        return stats.planar_parts(outer, shape[axis], inner)
+    return stats.interleaved_parts(outer, shape[axis])
+
+
+def test_cases_split_into_parts(monkeypatch):
+    """The shapes below really are reduced in several parts (else the test is moot)."""
+    for _, shape, axis, _ in CASES:
+        assert _parts(shape, axis) > 1, shape
+    for name, value in SMALL.items():
+        monkeypatch.setattr(config, name, value)
+    for _, shape, axis, _ in SMALL_CASES:
+        assert _parts(shape, axis) > 1, shape
+
+
+@pytest.mark.parametrize("cases,cfg", [(CASES, {}), (SMALL_CASES, SMALL)],
+                         ids=["config", "small-blocks"])
+def test_bitwise_identical_across_thread_counts(rng, cases, cfg):
+    seed = int(rng.integers(2**31))
+    one = _run(1, cases, cfg, seed)
+    two = _run(2, cases, cfg, seed)
+    assert set(one) == {name for name, *_ in cases}
+    differ = {name: [k for k in one[name] if one[name][k] != two[name][k]] for name in one}
+    differ = {name: keys for name, keys in differ.items() if keys}
+    assert not differ, f"differ between 1 and 2 threads: {differ}"

@@ -1,0 +1,82 @@
+"""Property test: random shapes, axes, dtypes and modes against the reference."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nbnorm
+from nbnorm import reference
+from helpers import REF_TOL, assert_close
+
+# Inner/outer products from 1 to a few hundred: planar and interleaved, C=1,
+# outer=1, inner=1 all come up.
+shapes = st.lists(st.integers(1, 7), min_size=2, max_size=5)
+
+
+@st.composite
+def problems(draw):
+    shape = tuple(draw(shapes))
+    ndim = len(shape)
+    axis = draw(st.integers(-ndim, ndim - 1))
+    n = int(np.prod(shape)) // shape[axis]
+    training = draw(st.booleans()) if n > 1 else False
+    return dict(shape=shape, axis=axis, training=training,
+                dtype=draw(st.sampled_from([np.float32, np.float64])),
+                affine=draw(st.booleans()), running=draw(st.booleans()) or not training,
+                momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+                layout=draw(st.sampled_from(["C", "F", "step", "perm"])),
+                out_layout=draw(st.sampled_from([None, "C", "F", "step", "perm"])),
+                perm=draw(st.permutations(range(ndim))),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def _layout(a, kind, perm=None):
+    """``a``'s values in memory layout ``kind``; ``perm``: the memory order of axes."""
+    if kind == "perm":
+        return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
+    if kind == "F":
+        return np.asfortranarray(a)
+    if kind == "step":
+        buf = np.empty(tuple(2 * s for s in a.shape), a.dtype)
+        v = buf[tuple(slice(None, None, 2) for _ in a.shape)]
+        v[...] = a
+        return v
+    return a
+
+
+@settings(deadline=None, max_examples=150)
+@given(problems())
+def test_forward_backward_match_reference(p):
+    rng = np.random.default_rng(p["seed"])
+    shape, axis, dt = p["shape"], p["axis"], p["dtype"]
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3) + rng.uniform(-5, 5)).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    w = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
+    b = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
+    rm = rv = None
+    if p["running"]:
+        rm, rv = rng.uniform(-1, 1, C).astype(dt), rng.uniform(0.5, 2, C).astype(dt)
+    exp = reference.forward(x, w, b, rm, rv, training=p["training"],
+                            momentum=p["momentum"], axis=axis)
+    out = None
+    if p["out_layout"] is not None:
+        out = _layout(np.full(shape, np.nan, dt), p["out_layout"], p["perm"][::-1])
+    res = nbnorm.forward(_layout(x, p["layout"], p["perm"]), w, b, rm, rv,
+                         training=p["training"], momentum=p["momentum"], axis=axis, out=out)
+    assert out is None or res.out is out
+    tol = REF_TOL[np.dtype(dt)]
+    assert_close(res.out, exp.out, tol, "out")
+    assert_close(res.mean, exp.mean, tol, "mean")
+    assert_close(res.invstd, exp.invstd, tol, "invstd")
+    if p["running"] and p["training"]:
+        assert_close(rm, exp.running_mean, tol, "running_mean")
+        assert_close(rv, exp.running_var, tol, "running_var")
+
+    g = nbnorm.backward(_layout(dy, p["layout"], p["perm"]), x, res.mean, res.invstd, w,
+                        training=p["training"], axis=axis)
+    ge = reference.backward(dy, x, res.mean, res.invstd, w, training=p["training"],
+                            axis=axis)
+    assert_close(g.grad_input, ge.grad_input, tol, "grad_input")
+    assert_close(g.grad_weight, ge.grad_weight, tol, "grad_weight")
+    assert_close(g.grad_bias, ge.grad_bias, tol, "grad_bias")
