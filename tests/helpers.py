@@ -32,6 +32,8 @@ LAYOUTS = [
     ("outer2", (2, 7, 13), 1),
     ("inner1", (13, 7, 1), 1),
     ("outer1", (1, 5, 9), 1),
+    ("wide-C-NC", (3, 257), 1),
+    ("wide-C-planar", (2, 300, 3), 1),
 ]
 LAYOUT_IDS = [name for name, _, _ in LAYOUTS]
 LAYOUT_PARAMS = [(shape, axis) for _, shape, axis in LAYOUTS]
@@ -74,6 +76,10 @@ def assert_same(a, b, what=""):
 # ------------------------------------------------------------------- layouts
 
 MEMORY_KINDS = ["fortran", "channels_last", "stepped", "reversed", "transposed"]
+#: Layouts that keep C order's element order (only the strides differ): the
+#: shape-only partition makes their results bitwise those of a contiguous copy.
+#: The others permute the axes in memory, so sums run in another order.
+SAME_ORDER_KINDS = {"stepped", "reversed"}
 
 
 def as_memory(a, kind, axis):
@@ -119,9 +125,10 @@ def torch_forward(x, weight, bias, running_mean, running_var, *, training, momen
                   eps, axis):
     """PyTorch's ``(out, mean, invstd, running_mean, running_var)`` as NumPy arrays.
 
-    ``mean``/``invstd`` are the batch statistics when training and None otherwise
-    (``native_batch_norm`` does not return them in inference).  Running
-    statistics are copies, updated the way PyTorch updates them.
+    ``out`` and the running statistics (copies, updated the way PyTorch updates
+    them) come from ``torch.nn.functional.batch_norm``; ``mean``/``invstd``, the
+    batch statistics, from ``native_batch_norm`` when training (None otherwise:
+    PyTorch does not return them in inference).
     """
     import torch
 
@@ -131,11 +138,14 @@ def torch_forward(x, weight, bias, running_mean, running_var, *, training, momen
     b = None if bias is None else torch.from_numpy(bias.copy())
     rm = None if running_mean is None else torch.from_numpy(running_mean.copy())
     rv = None if running_var is None else torch.from_numpy(running_var.copy())
-    out, mean, invstd = torch.ops.aten.native_batch_norm(t, w, b, rm, rv, training,
-                                                         momentum, eps)
-    return (_from_torch(out, axis),
-            mean.numpy() if training else None,
-            invstd.numpy() if training else None,
+    out = torch.nn.functional.batch_norm(t, rm, rv, w, b, training=training,
+                                         momentum=momentum, eps=eps)
+    mean = invstd = None
+    if training:
+        _, mean, invstd = torch.ops.aten.native_batch_norm(t, w, b, None, None, True,
+                                                           momentum, eps)
+        mean, invstd = mean.numpy(), invstd.numpy()
+    return (_from_torch(out, axis), mean, invstd,
             None if rm is None else rm.numpy(),
             None if rv is None else rv.numpy())
 

@@ -6,8 +6,8 @@ import pytest
 
 import nbnorm
 from nbnorm import config, reference
-from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL, TORCH_TOL,
-                     as_memory, assert_close, assert_same, channel, data, positive,
+from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
+                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same, channel, data, positive,
                      torch_forward)
 
 # train: batch statistics only; train+running: also updates running statistics;
@@ -165,7 +165,26 @@ def test_array_likes(rng):
     assert_close(res.out, reference.forward(x, x[0]).out, REF_TOL[x.dtype])
 
 
+def test_weight_as_list(rng):
+    x = data(rng, (5, 3, 2), np.float64)
+    w, b = channel(rng, 3, np.float64), channel(rng, 3, np.float64)
+    res = nbnorm.forward(x, w.tolist(), b.tolist())
+    assert_close(res.out, reference.forward(x, w, b).out, REF_TOL[x.dtype])
+
+
 # ----------------------------------------------------------- memory layouts
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((6, 4), 1), ((2, 3, 4, 5), -1)],
+                         ids=["planar", "interleaved", "NHWC"])
+def test_broadcast_input(rng, shape, axis):
+    """A read-only, zero-stride (broadcast) x reads like its contiguous copy."""
+    row = data(rng, (1,) + shape[1:], np.float64)
+    x = np.broadcast_to(row, shape)
+    res = nbnorm.forward(x, axis=axis)
+    exp = reference.forward(np.ascontiguousarray(x), axis=axis)
+    assert_close(res.out, exp.out, REF_TOL[x.dtype])
+    assert_close(res.invstd, exp.invstd, REF_TOL[x.dtype])
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
@@ -184,14 +203,21 @@ def test_memory_layouts(rng, shape, axis, kind, dtype):
     res = nbnorm.forward(x, w, b, rm, rv, axis=axis)
     exp = nbnorm.forward(base, w, b, rm2, rv2, axis=axis)
     tol = REF_TOL[np.dtype(dtype)]
+
+    def check(a, e, what):
+        if kind in SAME_ORDER_KINDS:
+            assert_same(a, e, what)
+        else:
+            assert_close(a, e, tol, what)
+
     assert_same(x, base, "x changed")
     for name in ["out", "mean", "invstd"]:
-        assert_close(getattr(res, name), getattr(exp, name), tol, name)
-    assert_close(rm, rm2, tol)
-    assert_close(rv, rv2, tol)
+        check(getattr(res, name), getattr(exp, name), name)
+    check(rm, rm2, "running_mean")
+    check(rv, rv2, "running_var")
     inf = nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis)
     inf_exp = nbnorm.forward(base, w, b, rm, rv, training=False, axis=axis)
-    assert_close(inf.out, inf_exp.out, tol)
+    check(inf.out, inf_exp.out, "inference out")
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
