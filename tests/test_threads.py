@@ -27,12 +27,14 @@ SCRIPT = textwrap.dedent(r"""
 
     THREADS, CALLS = int(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(12345)
-    # planar/interleaved, axis 1 and -1, float32/float64, and two shapes big
-    # enough to split each channel into several parallel parts
+    # planar/interleaved, axis 1 and -1, float32/float64: small shapes (serial
+    # kernels), two big enough to split each channel into several parallel
+    # parts, and one for the fused per-channel planar kernels
     SPECS = [((8, 3, 5), 1, np.float32), ((16, 4), 1, np.float64),
              ((4, 6, 7, 3), -1, np.float32), ((32, 2, 9), 1, np.float64),
              ((5, 17), 1, np.float32), ((3, 5, 2, 2), 2, np.float64),
-             ((2, 3, 50000), 1, np.float32), ((70000, 2), 1, np.float32)]
+             ((2, 3, 50000), 1, np.float32), ((70000, 2), 1, np.float32),
+             ((4, 16, 1024), 1, np.float32)]
     DATA = []
     for shape, axis, dt in SPECS:
         C = shape[axis]
