@@ -7,8 +7,8 @@ import pytest
 import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
-                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same, channel, data, positive,
-                     torch_backward)
+                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
+                     channel, data, positive, torch_backward)
 
 
 def _case(rng, shape, axis, dtype, affine, training):
@@ -180,6 +180,22 @@ def test_memory_layouts(rng, shape, axis, kind, dtype):
     res = nbnorm.backward(dy, x, mean, invstd, w, axis=axis, grad_input=gi)
     assert res.grad_input is gi
     assert_close(gi, exp.grad_input, REF_TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("x_kind,dy_kind", [("fortran", "C"), ("C", "channels_last"),
+                                             ("channels_last", "stepped")])
+def test_mixed_input_layouts(rng, x_kind, dy_kind):
+    """x and grad_out in different memory layouts (the plan follows x)."""
+    shape, axis = (4, 3, 5, 6), 1
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, np.float64, True, True)
+    exp = reference.backward(dy, x, mean, invstd, w, axis=axis)
+    xs = x if x_kind == "C" else as_memory(x, x_kind, axis)
+    dys = dy if dy_kind == "C" else as_memory(dy, dy_kind, axis)
+    res = nbnorm.backward(dys, xs, mean, invstd, w, axis=axis)
+    _check(res, exp, np.float64)
+    res = nbnorm.backward(dys, xs, mean, invstd, w, axis=axis, grad_input=dys)
+    assert res.grad_input is dys
+    _check(res, exp, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

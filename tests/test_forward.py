@@ -7,8 +7,8 @@ import pytest
 import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
-                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same, channel, data, positive,
-                     torch_forward)
+                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
+                     channel, data, positive, torch_forward)
 
 # train: batch statistics only; train+running: also updates running statistics;
 # infer: normalizes with the running statistics.
