@@ -19,3 +19,14 @@ MIN_PART = 32768
 #: LLVM fast-math flags for reductions: reassociation lets the float64 sums
 #: vectorize.  Never ``nnan``/``ninf``: NaN and inf must propagate.
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
+
+#: Batches of at most this many elements run on the calling thread, one serial
+#: kernel per call: a parallel launch costs more than the work.
+SERIAL_MAX = 32768
+
+#: A planar kernel reduces a channel and normalizes it (or computes its
+#: gradient) in one task, while the channel is still in cache, when there are at
+#: least FUSE_MIN_C channels to spread over the threads...
+FUSE_MIN_C = 8
+#: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
+FUSE_MAX_BYTES = 4 << 20

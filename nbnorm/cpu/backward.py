@@ -3,12 +3,21 @@
 The reductions are ``sum(dy)`` and ``sum(dy * (x - mean))`` in float64, split
 into parts exactly like the statistics (see ``stats``) and summed in part order,
 so they too are bitwise independent of the thread count.
+
+``train_planar`` fuses both: one task per channel reduces the channel, then
+computes its ``grad_input`` while ``dy`` and ``x`` are still in L2/L3.  It runs
+the same functions on the same parts in the same order as
+``backward_reduce_planar`` + ``grad_input_planar``, so the two paths agree bit
+for bit.  ``backward_serial_*`` do everything on the calling thread for small
+batches.  ``mean``, ``invstd``, ``weight`` are float64; ``weight`` may have
+length 0 (scale 1).
 """
 
 import numpy as np
 from numba import njit, prange
 
 from .. import config
+from .forward import _normalize_rows, _normalize_run
 
 _FM = set(config.FASTMATH)
 
@@ -24,6 +33,37 @@ def _run_dual_sum(dy, x, m):
     return s, sx
 
 
+@njit(cache=True)
+def _planar_part_dual_sum(dy, x, c, j0, j1, m):
+    inner = x.shape[2]
+    s = 0.0
+    sx = 0.0
+    j = j0
+    while j < j1:
+        o, i = divmod(j, inner)
+        e = min(inner, i + j1 - j)
+        a, b = _run_dual_sum(dy[o, c, i:e], x[o, c, i:e], m)
+        s += a
+        sx += b
+        j += e - i
+    return s, sx
+
+
+@njit(cache=True)
+def _planar_channel_dual_sum(dy, x, c, parts, m):
+    """``backward_reduce_planar`` for one channel, all parts in one task."""
+    n = x.shape[0] * x.shape[2]
+    step = -(-n // parts)
+    s = 0.0
+    sx = 0.0
+    for p in range(parts):
+        j0 = min(n, p * step)
+        a, b = _planar_part_dual_sum(dy, x, c, j0, min(n, j0 + step), m)
+        s += a
+        sx += b
+    return s, sx
+
+
 @njit(parallel=True, cache=True)
 def backward_reduce_planar(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
     outer, C, inner = x.shape
@@ -34,20 +74,7 @@ def backward_reduce_planar(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
     for t in prange(C * parts):
         c, p = divmod(np.int64(t), parts)
         j0 = min(n, p * step)
-        j1 = min(n, j0 + step)
-        m = mean[c]
-        s = 0.0
-        sx = 0.0
-        j = j0
-        while j < j1:
-            o, i = divmod(j, inner)
-            e = min(inner, i + j1 - j)
-            a, b = _run_dual_sum(dy[o, c, i:e], x[o, c, i:e], m)
-            s += a
-            sx += b
-            j += e - i
-        ps[c, p] = s
-        psx[c, p] = sx
+        ps[c, p], psx[c, p] = _planar_part_dual_sum(dy, x, c, j0, min(n, j0 + step), mean[c])
     for c in prange(C):
         s = 0.0
         sx = 0.0
@@ -71,6 +98,17 @@ def _rows_dual_sum(dy, x, r0, r1, mean, s, sx):
             sx[c] += g * (np.float64(xr[c]) - mean[c])
 
 
+@njit(cache=True)
+def _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c):
+    s = 0.0
+    sx = 0.0
+    for p in range(ps.shape[0]):
+        s += ps[p, c]
+        sx += psx[p, c]
+    sum_dy_out[c] = s
+    sum_dy_xmu_out[c] = sx
+
+
 @njit(parallel=True, cache=True)
 def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
     outer, C = x.shape
@@ -82,13 +120,31 @@ def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
         r1 = min(outer, r0 + step)
         _rows_dual_sum(dy, x, r0, r1, mean, ps[p], psx[p])
     for c in prange(C):
-        s = 0.0
-        sx = 0.0
-        for p in range(parts):
-            s += ps[p, c]
-            sx += psx[p, c]
-        sum_dy_out[c] = s
-        sum_dy_xmu_out[c] = sx
+        _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c)
+
+
+@njit(cache=True, inline="always")
+def grad_coeffs(c, n, s, sx, inv, weight):
+    """``(a, b, k)`` of ``dx = k * (dy - a - (x - mean) * b)``; ``ops`` computes the
+    same expressions with NumPy."""
+    k = inv * weight[c] if weight.size else inv
+    return s / n, sx * inv * inv / n, k
+
+
+@njit(cache=True)
+def _grad_run(gr, xr, yr, m, a, b, k):
+    for i in range(xr.size):
+        yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+
+
+@njit(cache=True)
+def _grad_rows(dy, x, r0, r1, mean, a, b, k, dx):
+    for r in range(r0, r1):
+        gr = dy[r]
+        xr = x[r]
+        yr = dx[r]
+        for c in range(xr.size):
+            yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
 
 
 @njit(parallel=True, cache=True)
@@ -97,24 +153,75 @@ def grad_input_planar(dy, x, mean, a, b, k, dx):
     outer, C, inner = x.shape
     for t in prange(outer * C):
         o, c = divmod(np.int64(t), C)
-        m = mean[c]
-        ac = a[c]
-        bc = b[c]
-        kc = k[c]
-        gr = dy[o, c]
-        xr = x[o, c]
-        yr = dx[o, c]
-        for i in range(inner):
-            yr[i] = kc * (np.float64(gr[i]) - ac - (np.float64(xr[i]) - m) * bc)
+        _grad_run(dy[o, c], x[o, c], dx[o, c], mean[c], a[c], b[c], k[c])
 
 
 @njit(parallel=True, cache=True)
 def grad_input_interleaved(dy, x, mean, a, b, k, dx):
     """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``."""
     outer, C = x.shape
-    for r in prange(outer):
-        gr = dy[r]
-        xr = x[r]
-        yr = dx[r]
-        for c in range(C):
-            yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
+    tasks = min(outer, 256)
+    step = -(-outer // tasks)
+    for t in prange(tasks):
+        r0 = min(outer, t * step)
+        _grad_rows(dy, x, r0, min(outer, r0 + step), mean, a, b, k, dx)
+
+
+@njit(parallel=True, cache=True)
+def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_out):
+    """Training-mode backward of ``x[outer, C, inner]``, one task per channel."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in prange(C):
+        m = mean[c]
+        s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
+        sum_dy_out[c] = s
+        sum_dy_xmu_out[c] = sx
+        a, b, k = grad_coeffs(c, n, s, sx, invstd[c], weight)
+        for o in range(outer):
+            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
+
+
+@njit(cache=True)
+def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx,
+                           sum_dy_out, sum_dy_xmu_out):
+    """Backward of ``x[outer, C, inner]`` on the calling thread; inference mode
+    (``training=False``) writes ``dx = dy * invstd * weight``."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in range(C):
+        m = mean[c]
+        s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
+        sum_dy_out[c] = s
+        sum_dy_xmu_out[c] = sx
+        a, b, k = grad_coeffs(c, n, s, sx, invstd[c], weight)
+        for o in range(outer):
+            if training:
+                _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
+            else:  # the affine map's gradient: dx does not depend on x
+                _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0)
+
+
+@njit(cache=True)
+def backward_serial_interleaved(dy, x, mean, invstd, weight, parts, training, dx,
+                                sum_dy_out, sum_dy_xmu_out):
+    """Backward of ``x[outer, C]`` on the calling thread."""
+    outer, C = x.shape
+    step = -(-outer // parts)
+    ps = np.empty((parts, C))
+    psx = np.empty((parts, C))
+    for p in range(parts):
+        r0 = min(outer, p * step)
+        _rows_dual_sum(dy, x, r0, min(outer, r0 + step), mean, ps[p], psx[p])
+    a = np.empty(C)
+    b = np.empty(C)
+    k = np.empty(C)
+    for c in range(C):
+        _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c)
+        a[c], b[c], k[c] = grad_coeffs(c, outer, sum_dy_out[c], sum_dy_xmu_out[c],
+                                       invstd[c], weight)
+    if training:
+        _grad_rows(dy, x, 0, outer, mean, a, b, k, dx)
+    else:  # the affine map's gradient: dx does not depend on x
+        a[:] = 0.0
+        _normalize_rows(dy, 0, outer, a, k, a, dx)

@@ -4,10 +4,46 @@
 subtraction of a large mean keeps its precision for float32 data.  Elementwise,
 so ``out`` may be ``x`` itself.  Backward in inference mode reuses it with
 ``center = 0`` and ``shift = 0``.
+
+``train_planar`` fuses statistics and normalization: one task per channel
+reduces the channel and normalizes it while it is still in L2/L3, so ``x`` is
+read from memory once instead of twice.  ``train_serial_*`` and
+``normalize_serial_*`` run on the calling thread for small batches, where a
+parallel launch costs more than the work.
+
+``weight`` and ``bias`` are float64 arrays of length C, or of length 0 for
+"scale 1" / "shift 0".
 """
 
 import numpy as np
 from numba import njit, prange
+
+from . import stats
+
+
+@njit(cache=True, inline="always")
+def scale_shift(c, n, eps, mu, m2, weight, bias):
+    """``(invstd * weight[c], bias[c])`` for a channel with moments ``mu``, ``m2``
+    of ``n`` values; ``ops`` computes the same expression with NumPy."""
+    inv = 1.0 / np.sqrt(m2 / n + eps)
+    s = inv * weight[c] if weight.size else inv
+    b = bias[c] if bias.size else 0.0
+    return s, b
+
+
+@njit(cache=True)
+def _normalize_run(xr, yr, m, s, b):
+    for i in range(xr.size):
+        yr[i] = (np.float64(xr[i]) - m) * s + b
+
+
+@njit(cache=True)
+def _normalize_rows(x, r0, r1, center, scale, shift, out):
+    for r in range(r0, r1):
+        xr = x[r]
+        yr = out[r]
+        for c in range(xr.size):
+            yr[c] = (np.float64(xr[c]) - center[c]) * scale[c] + shift[c]
 
 
 @njit(parallel=True, cache=True)
@@ -15,20 +51,81 @@ def normalize_planar(x, center, scale, shift, out):
     outer, C, inner = x.shape
     for t in prange(outer * C):
         o, c = divmod(np.int64(t), C)
-        m = center[c]
-        s = scale[c]
-        b = shift[c]
-        xr = x[o, c]
-        yr = out[o, c]
-        for i in range(inner):
-            yr[i] = (np.float64(xr[i]) - m) * s + b
+        _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c])
 
 
 @njit(parallel=True, cache=True)
 def normalize_interleaved(x, center, scale, shift, out):
     outer, C = x.shape
-    for r in prange(outer):
-        xr = x[r]
-        yr = out[r]
+    tasks = min(outer, 256)
+    step = -(-outer // tasks)
+    for t in prange(tasks):
+        r0 = min(outer, t * step)
+        _normalize_rows(x, r0, min(outer, r0 + step), center, scale, shift, out)
+
+
+@njit(cache=True)
+def normalize_serial_planar(x, center, scale, shift, out):
+    outer, C, inner = x.shape
+    for o in range(outer):
         for c in range(C):
-            yr[c] = (np.float64(xr[c]) - center[c]) * scale[c] + shift[c]
+            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c])
+
+
+@njit(cache=True)
+def normalize_serial_interleaved(x, center, scale, shift, out):
+    _normalize_rows(x, 0, x.shape[0], center, scale, shift, out)
+
+
+@njit(parallel=True, cache=True)
+def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out):
+    """Statistics and normalization of ``x[outer, C, inner]``, one task per channel."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in prange(C):
+        mu, m2 = stats.channel_moments_planar(x, c, parts, block)
+        mean_out[c] = mu
+        m2_out[c] = m2
+        s, b = scale_shift(c, n, eps, mu, m2, weight, bias)
+        for o in range(outer):
+            _normalize_run(x[o, c], out[o, c], mu, s, b)
+
+
+@njit(cache=True)
+def _all_finite(mean, m2):
+    for c in range(mean.size):
+        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
+            return False
+    return True
+
+
+@njit(cache=True)
+def train_serial_planar(x, parts, block, eps, weight, bias, check, out, mean_out, m2_out):
+    """``train_planar`` on the calling thread.  With ``check``, returns False without
+    writing ``out`` when a channel's statistics are not finite."""
+    outer, C, inner = x.shape
+    n = outer * inner
+    for c in range(C):
+        mean_out[c], m2_out[c] = stats.channel_moments_planar(x, c, parts, block)
+    if check and not _all_finite(mean_out, m2_out):
+        return False
+    for c in range(C):
+        s, b = scale_shift(c, n, eps, mean_out[c], m2_out[c], weight, bias)
+        for o in range(outer):
+            _normalize_run(x[o, c], out[o, c], mean_out[c], s, b)
+    return True
+
+
+@njit(cache=True)
+def train_serial_interleaved(x, parts, block, eps, weight, bias, check, out, mean_out, m2_out):
+    """Statistics and normalization of ``x[outer, C]`` on the calling thread."""
+    outer, C = x.shape
+    stats.channel_stats_interleaved_serial(x, parts, block, mean_out, m2_out)
+    if check and not _all_finite(mean_out, m2_out):
+        return False
+    scale = np.empty(C)
+    shift = np.empty(C)
+    for c in range(C):
+        scale[c], shift[c] = scale_shift(c, outer, eps, mean_out[c], m2_out[c], weight, bias)
+    _normalize_rows(x, 0, outer, mean_out, scale, shift, out)
+    return True

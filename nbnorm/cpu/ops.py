@@ -4,6 +4,20 @@
 only runs kernels on ``(outer, C, inner)`` (planar) or ``(outer, C)``
 (interleaved) views and does the O(C) per-channel arithmetic in float64.
 ``nbnorm.cuda.ops`` has the same functions for device arrays.
+
+Which kernels run is a function of the shape (and of ``on_nonfinite``), never of
+the thread count:
+
+- ``x.size <= config.SERIAL_MAX``: one serial kernel does the whole call on the
+  calling thread (a parallel launch costs more than the work).
+- planar, ``C >= config.FUSE_MIN_C`` and a channel of at most
+  ``config.FUSE_MAX_BYTES``: one parallel task per channel reduces it and
+  normalizes it (or computes its gradient) while it is still in cache.
+- otherwise: a parallel reduction over (channel, part) tasks, then a parallel
+  elementwise pass.
+
+Every path computes the same parts with the same functions and merges them in
+the same order, so they agree bit for bit.
 """
 
 import numpy as np
@@ -14,21 +28,33 @@ from . import forward as fwd
 from . import stats
 from .threads import serialized
 
+#: ``weight``/``bias`` of None: kernels read a length-0 array as scale 1 / shift 0.
+_NONE = np.empty(0)
+
 
 def empty(shape, dtype):
     return np.empty(shape, dtype=dtype)
 
 
-def _planar(x):
-    return x.ndim == 3
+def _param(a):
+    """A per-channel parameter as a contiguous float64 array (``_NONE`` for None)."""
+    if a is None:
+        return _NONE
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _count(x):
-    return x.size // x.shape[1]
+def _parts(x):
+    return stats.planar_parts(*x.shape) if x.ndim == 3 else stats.interleaved_parts(*x.shape)
 
 
-def _per_channel(a, C, default):
-    return np.full(C, default) if a is None else np.asarray(a, dtype=np.float64)
+def _fused(x, itemsize):
+    """Whether a planar kernel reduces and finishes each channel in one task.
+
+    ``itemsize``: bytes per element of all the arrays a channel's task reads
+    (x for forward; dy and x for backward).
+    """
+    outer, C, inner = x.shape
+    return C >= config.FUSE_MIN_C and outer * inner * itemsize <= config.FUSE_MAX_BYTES
 
 
 def batch_moments(x):
@@ -36,37 +62,57 @@ def batch_moments(x):
     C = x.shape[1]
     mean = np.empty(C)
     m2 = np.empty(C)
-    if _planar(x):
-        parts = stats.planar_parts(*x.shape)
-        stats.channel_stats_planar(x, parts, config.BLOCK, mean, m2)
+    if x.ndim == 3:
+        stats.channel_stats_planar(x, _parts(x), config.BLOCK, mean, m2)
     else:
-        parts = stats.interleaved_parts(*x.shape)
-        stats.channel_stats_interleaved(x, parts, config.BLOCK, mean, m2)
+        stats.channel_stats_interleaved(x, _parts(x), config.BLOCK, mean, m2)
     return mean, m2
 
 
 def normalize(x, center, scale, shift, out):
-    kernel = fwd.normalize_planar if _planar(x) else fwd.normalize_interleaved
+    if x.size <= config.SERIAL_MAX:
+        kernel = fwd.normalize_serial_planar if x.ndim == 3 else fwd.normalize_serial_interleaved
+    else:
+        kernel = fwd.normalize_planar if x.ndim == 3 else fwd.normalize_interleaved
     kernel(x, center, scale, shift, out)
+
+
+def _scale_shift(inv, w, b, C):
+    """What ``forward.scale_shift`` computes, for all channels."""
+    return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
 
 
 @serialized
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                   out, mean, invstd, on_nonfinite="propagate"):
     C = x.shape[1]
-    n = _count(x)
-    mu, m2 = batch_moments(x)
-    # on_nonfinite: O(C), decided (or raised) before anything is written.
+    n = x.size // C
+    w = _param(weight)
+    b = _param(bias)
+    mu = np.empty(C)
+    m2 = np.empty(C)
+    check = on_nonfinite == "raise"
+    if x.size <= config.SERIAL_MAX:
+        kernel = fwd.train_serial_planar if x.ndim == 3 else fwd.train_serial_interleaved
+        if not kernel(x, _parts(x), config.BLOCK, eps, w, b, check, out, mu, m2):
+            guard.running_update_mask(mu, m2, on_nonfinite)  # raises; nothing written
+    elif x.ndim == 3 and not check and _fused(x, x.itemsize):
+        fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
+    else:
+        mu, m2 = batch_moments(x)
+        guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
+        scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
+        normalize(x, mu, scale, shift, out)
+    # on_nonfinite="skip": channels whose statistics are not finite keep their
+    # running statistics (the outputs are written either way).
     keep = guard.running_update_mask(mu, m2, on_nonfinite)
-    inv = 1.0 / np.sqrt(m2 / n + eps)
-    normalize(x, mu, inv * _per_channel(weight, C, 1.0), _per_channel(bias, C, 0.0), out)
     mean[...] = mu
-    invstd[...] = inv
+    invstd[...] = 1.0 / np.sqrt(m2 / n + eps)
     if running_mean is not None:
         # Computed whole before either is written: never half-updated.
         new_mean = (1.0 - momentum) * running_mean + momentum * mu
         new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
-        if keep is not None:  # on_nonfinite="skip": bad channels keep their value
+        if keep is not None:
             new_mean = np.where(keep, new_mean, running_mean)
             new_var = np.where(keep, new_var, running_var)
         running_mean[...] = new_mean
@@ -79,7 +125,8 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
     # Contiguous: strided running stats must not compile another kernel signature.
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
     inv = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    normalize(x, mu, inv * _per_channel(weight, C, 1.0), _per_channel(bias, C, 0.0), out)
+    scale, shift = _scale_shift(inv, _param(weight), _param(bias), C)
+    normalize(x, mu, scale, shift, out)
     mean[...] = mu
     invstd[...] = inv
 
@@ -87,23 +134,29 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
 @serialized
 def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
     C = x.shape[1]
-    n = _count(x)
-    mu = np.asarray(mean, dtype=np.float64)
-    inv = np.asarray(invstd, dtype=np.float64)
+    n = x.size // C
+    mu = _param(mean)
+    inv = _param(invstd)
+    w = _param(weight)
     s = np.empty(C)
     sx = np.empty(C)
-    if _planar(x):
-        parts = stats.planar_parts(*x.shape)
-        bwd.backward_reduce_planar(dy, x, mu, parts, s, sx)
+    planar = x.ndim == 3
+    if x.size <= config.SERIAL_MAX:
+        kernel = bwd.backward_serial_planar if planar else bwd.backward_serial_interleaved
+        kernel(dy, x, mu, inv, w, _parts(x), bool(training), grad_input, s, sx)
+    elif training and planar and _fused(x, x.itemsize * 2):
+        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx)
     else:
-        parts = stats.interleaved_parts(*x.shape)
-        bwd.backward_reduce_interleaved(dy, x, mu, parts, s, sx)
-    k = inv * _per_channel(weight, C, 1.0)
-    if training:
-        kernel = bwd.grad_input_planar if _planar(x) else bwd.grad_input_interleaved
-        kernel(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
-    else:
-        zeros = np.zeros(C)
-        normalize(dy, zeros, k, zeros, grad_input)
+        if planar:
+            bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
+        else:
+            bwd.backward_reduce_interleaved(dy, x, mu, _parts(x), s, sx)
+        k = inv * w if w.size else inv
+        if training:
+            kernel = bwd.grad_input_planar if planar else bwd.grad_input_interleaved
+            kernel(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+        else:
+            zeros = np.zeros(C)
+            normalize(dy, zeros, k, zeros, grad_input)
     grad_weight[...] = sx * inv
     grad_bias[...] = s
