@@ -199,8 +199,9 @@ def test_mixed_input_layouts(rng, x_kind, dy_kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((40, 5, 5, 6), -1)],
-                         ids=["planar", "interleaved", "NHWC"])
+@pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((40, 5, 5, 6), -1),
+                                        ((301, 50), 1)],
+                         ids=["planar", "interleaved", "NHWC", "wide-interleaved"])
 def test_many_parts(rng, monkeypatch, shape, axis, dtype):
     """Reductions split into many parts still match the reference."""
     monkeypatch.setattr(config, "BLOCK", 37)

@@ -395,8 +395,8 @@ def _parts(shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((7, 2, 9, 31), 1),
-                                        ((40, 5, 5, 6), -1)],
-                         ids=["planar", "interleaved", "NCHW", "NHWC"])
+                                        ((40, 5, 5, 6), -1), ((301, 50), 1)],
+                         ids=["planar", "interleaved", "NCHW", "NHWC", "wide-interleaved"])
 def test_many_parts_and_blocks(rng, monkeypatch, shape, axis, dtype):
     """Small blocks and parts: many Chan merges inside parts and across parts."""
     monkeypatch.setattr(config, "BLOCK", 37)
