@@ -73,6 +73,27 @@ def assert_same(a, b, what=""):
     assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), what
 
 
+# ------------------------------------------------------------- kernel paths
+
+#: ``nbnorm.cpu.ops`` picks a kernel family by shape (``nbnorm.config``): one
+#: serial kernel for small batches, a fused reduce+finish task per planar
+#: channel, or a parallel reduction then a parallel elementwise pass.  These
+#: settings force each path on any shape, so small test arrays reach them all.
+KERNEL_PATHS = {
+    "serial": dict(SERIAL_MAX=1 << 62),
+    "fused": dict(SERIAL_MAX=0, FUSE_MIN_C=1, FUSE_MAX_BYTES=1 << 62),
+    "parallel": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62),
+}
+
+
+def use_path(monkeypatch, path):
+    """Force the CPU kernel path ``path`` (a key of ``KERNEL_PATHS``) for one test."""
+    from nbnorm import config
+
+    for name, value in KERNEL_PATHS[path].items():
+        monkeypatch.setattr(config, name, value)  # raises if a tunable was renamed
+
+
 # ------------------------------------------------------------------- layouts
 
 MEMORY_KINDS = ["fortran", "channels_last", "stepped", "reversed", "transposed"]

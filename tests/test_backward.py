@@ -8,7 +8,7 @@ import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
                      SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
-                     channel, data, positive, torch_backward)
+                     KERNEL_PATHS, channel, data, positive, torch_backward, use_path)
 
 
 def _case(rng, shape, axis, dtype, affine, training):
@@ -202,8 +202,10 @@ def test_mixed_input_layouts(rng, x_kind, dy_kind):
 @pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((40, 5, 5, 6), -1),
                                         ((301, 50), 1)],
                          ids=["planar", "interleaved", "NHWC", "wide-interleaved"])
-def test_many_parts(rng, monkeypatch, shape, axis, dtype):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_many_parts(rng, monkeypatch, path, shape, axis, dtype):
     """Reductions split into many parts still match the reference."""
+    use_path(monkeypatch, path)
     monkeypatch.setattr(config, "BLOCK", 37)
     monkeypatch.setattr(config, "MIN_PART", 100)
     dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, True)
@@ -222,3 +224,25 @@ def test_large_offset(rng):
     assert_close(res.grad_bias, exp.grad_bias, dict(rtol=1e-5, atol=1e-3))
     assert_close(res.grad_weight, exp.grad_weight, dict(rtol=1e-5, atol=1e-3))
     assert_close(res.grad_input, exp.grad_input, dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["config", "small-blocks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUT_PARAMS + [((3, 9, 40, 30), 1), ((900, 40), 1)],
+                         ids=LAYOUT_IDS + ["NCHW-9", "NC-900"])
+def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_blocks):
+    """Serial, fused and parallel backward kernels give bitwise the same gradients."""
+    if small_blocks:
+        monkeypatch.setattr(config, "MIN_PART", 100)
+    results = {}
+    for training in [True, False]:
+        dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
+        for path in KERNEL_PATHS:
+            with monkeypatch.context() as m:
+                use_path(m, path)
+                g = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+                results[path, training] = g
+        for path in ["fused", "parallel"]:
+            for name, a, e in zip(g._fields, results[path, training],
+                                  results["serial", training]):
+                assert_same(a, e, f"{name} (training={training}): {path} != serial")

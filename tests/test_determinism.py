@@ -26,10 +26,14 @@ CASES = [
     ("interleaved-f32", (100000, 8), 1, "float32"),
     ("NHWC-f64", (16, 32, 32, 24), -1, "float64"),
     ("planar-f64", (2, 5, 40000), 1, "float64"),
+    # C >= config.FUSE_MIN_C: the fused reduce+normalize kernels (one task a channel).
+    ("planar-fused-f64", (2, 8, 32768), 1, "float64"),
 ]
-# The same with tiny blocks and parts: many Chan merges on small data.
-SMALL = dict(BLOCK=64, MIN_PART=256)
+# The same with tiny blocks and parts: many Chan merges on small data, with
+# the parallel kernels (SERIAL_MAX=0; small batches otherwise run serially).
+SMALL = dict(BLOCK=64, MIN_PART=256, SERIAL_MAX=0)
 SMALL_CASES = [
+    ("planar-fused-small-f64", (3, 9, 500), 1, "float64"),
     ("planar-small-f64", (5, 3, 1001), 1, "float64"),
     ("interleaved-small-f64", (2001, 7), 1, "float64"),
     ("interleaved-small-f32", (3001, 3), 1, "float32"),

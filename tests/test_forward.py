@@ -8,7 +8,7 @@ import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
                      SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
-                     channel, data, positive, torch_forward)
+                     KERNEL_PATHS, channel, data, positive, torch_forward, use_path)
 
 # train: batch statistics only; train+running: also updates running statistics;
 # infer: normalizes with the running statistics.
@@ -318,14 +318,17 @@ def _var_from_invstd(invstd, eps):
     return 1.0 / np.asarray(invstd, np.float64) ** 2 - eps
 
 
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
 @pytest.mark.parametrize("small_blocks", [False, True], ids=["config", "small-blocks"])
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("shape,axis", [((8, 3, 4096), 1), ((20000, 5), 1),
                                         ((64, 9, 9, 6), -1)],
                          ids=["planar", "interleaved", "NHWC"])
-def test_float32_offset_statistics(rng, monkeypatch, shape, axis, offset, small_blocks):
+def test_float32_offset_statistics(rng, monkeypatch, shape, axis, offset, small_blocks,
+                                   path):
     """float32 data offset by 1e4/1e5 with std 1: the variance is accurate to 1e-6
     relative to float64 statistics of the same float32 data (E[x^2]-E[x]^2 fails)."""
+    use_path(monkeypatch, path)
     if small_blocks:
         monkeypatch.setattr(config, "BLOCK", 100)
         monkeypatch.setattr(config, "MIN_PART", 1000)
@@ -397,8 +400,10 @@ def _parts(shape):
 @pytest.mark.parametrize("shape,axis", [((5, 3, 301), 1), ((3001, 7), 1), ((7, 2, 9, 31), 1),
                                         ((40, 5, 5, 6), -1), ((301, 50), 1)],
                          ids=["planar", "interleaved", "NCHW", "NHWC", "wide-interleaved"])
-def test_many_parts_and_blocks(rng, monkeypatch, shape, axis, dtype):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_many_parts_and_blocks(rng, monkeypatch, path, shape, axis, dtype):
     """Small blocks and parts: many Chan merges inside parts and across parts."""
+    use_path(monkeypatch, path)
     monkeypatch.setattr(config, "BLOCK", 37)
     monkeypatch.setattr(config, "MIN_PART", 100)
     x = data(rng, shape, dtype, loc=50.0)
@@ -427,3 +432,30 @@ def test_large_default_config(rng, shape, axis):
     assert_close(res.mean, exp.mean, tol)
     assert_close(res.invstd, exp.invstd, tol)
     assert_close(res.out, exp.out, dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["config", "small-blocks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUT_PARAMS + [((3, 9, 40, 30), 1), ((900, 40), 1)],
+                         ids=LAYOUT_IDS + ["NCHW-9", "NC-900"])
+def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_blocks):
+    """Serial, fused and parallel kernels compute the same parts and merge them in
+    the same order: their results are bitwise identical (so the reference checks
+    above, which mostly take the serial path, cover all three)."""
+    if small_blocks:
+        monkeypatch.setattr(config, "BLOCK", 37)
+        monkeypatch.setattr(config, "MIN_PART", 100)
+    x, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "train+running")
+    results = {}
+    for path in KERNEL_PATHS:
+        with monkeypatch.context() as m:
+            use_path(m, path)
+            rm_p, rv_p = rm.copy(), rv.copy()
+            f = nbnorm.forward(x, w, b, rm_p, rv_p, axis=axis)
+            fi = nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis)
+            results[path] = [f.out, f.mean, f.invstd, rm_p, rv_p, fi.out, fi.invstd]
+    names = ["out", "mean", "invstd", "running_mean", "running_var", "infer out",
+             "infer invstd"]
+    for path in ["fused", "parallel"]:
+        for name, a, e in zip(names, results[path], results["serial"]):
+            assert_same(a, e, f"{name}: {path} differs from serial")
