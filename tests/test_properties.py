@@ -1,12 +1,14 @@
 """Property test: random shapes, axes, dtypes and modes against the reference."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbnorm
 from nbnorm import reference
-from helpers import REF_TOL, assert_close
+from nbnorm import config
+from helpers import KERNEL_PATHS, REF_TOL, assert_close, use_path
 
 # Inner/outer products from 1 to a few hundred: planar and interleaved, C=1,
 # outer=1, inner=1 all come up.
@@ -27,6 +29,8 @@ def problems(draw):
                 layout=draw(st.sampled_from(["C", "F", "step", "perm"])),
                 out_layout=draw(st.sampled_from([None, "C", "F", "step", "perm"])),
                 perm=draw(st.permutations(range(ndim))),
+                path=draw(st.sampled_from(list(KERNEL_PATHS))),
+                block=draw(st.sampled_from([None, 1, 7, 64])),
                 seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -47,6 +51,15 @@ def _layout(a, kind, perm=None):
 @settings(deadline=None, max_examples=150)
 @given(problems())
 def test_forward_backward_match_reference(p):
+    with pytest.MonkeyPatch.context() as m:
+        use_path(m, p["path"])
+        if p["block"] is not None:  # tiny blocks and parts: many merges
+            m.setattr(config, "BLOCK", p["block"])
+            m.setattr(config, "MIN_PART", 4 * p["block"])
+        _check(p)
+
+
+def _check(p):
     rng = np.random.default_rng(p["seed"])
     shape, axis, dt = p["shape"], p["axis"], p["dtype"]
     C = shape[axis]
