@@ -21,12 +21,21 @@ FULL_MASK = 0xFFFFFFFF
 WARP = 32
 
 
+def _simulator():
+    from numba import config as numba_config
+    return bool(numba_config.ENABLE_CUDASIM)
+
+
+#: Options of small device functions: inlined into the kernel (their arguments
+#: include register arrays), except on the simulator, whose jit has no such option.
+INLINE = {} if _simulator() else {"forceinline": True}
+
+
 def use_shuffle():
     """``config.CUDA_WARP_SHUFFLE``, or (``None``) shuffles except on the simulator."""
     if config.CUDA_WARP_SHUFFLE is not None:
         return bool(config.CUDA_WARP_SHUFFLE)
-    from numba import config as numba_config
-    return not numba_config.ENABLE_CUDASIM
+    return not _simulator()
 
 
 def launch_params():

@@ -24,7 +24,7 @@ import functools
 from numba import cuda, float64
 
 from .. import config
-from ._device import column_width, merge, reducers
+from ._device import INLINE, column_width, merge, reducers
 
 
 def _split(n, want):
@@ -57,6 +57,20 @@ def kernels(tpb, shuffle, unroll):
     """The statistics kernels for one configuration: name -> CUDA dispatcher."""
     block_merge, _ = reducers(tpb, shuffle)
 
+    @cuda.jit(device=True, **INLINE)
+    def block_moments(buf):
+        """Exact (mean, M2) of a full register block: constant trip counts, so
+        the loops unroll and ``buf`` lives in registers."""
+        s = 0.0
+        for u in range(unroll):
+            s += buf[u]
+        bm = s / unroll
+        bq = 0.0
+        for u in range(unroll):
+            d = buf[u] - bm
+            bq += d * d
+        return bm, bq
+
     @cuda.jit
     def channel_stats_planar(x, parts, step, partials):
         outer, C, inner = x.shape
@@ -78,8 +92,7 @@ def kernels(tpb, shuffle, unroll):
         m = 0.0
         q = 0.0
         while j < j1:
-            k = 0
-            if j + (unroll - 1) * tpb < j1:  # a full register block: unrolled
+            if j + (unroll - 1) * tpb < j1:  # a full register block
                 for u in range(unroll):
                     buf[u] = x[o, c, i]
                     j += tpb
@@ -88,26 +101,16 @@ def kernels(tpb, shuffle, unroll):
                     if i >= inner:
                         i -= inner
                         o += 1
-                k = unroll
-            else:
-                while j < j1:
-                    buf[k] = x[o, c, i]
-                    k += 1
-                    j += tpb
-                    o += do
-                    i += di
-                    if i >= inner:
-                        i -= inner
-                        o += 1
-            s = 0.0
-            for u in range(k):
-                s += buf[u]
-            bm = s / k
-            bq = 0.0
-            for u in range(k):
-                d = buf[u] - bm
-                bq += d * d
-            n, m, q = merge(n, m, q, float(k), bm, bq)
+                bm, bq = block_moments(buf)
+                n, m, q = merge(n, m, q, float(unroll), bm, bq)
+            else:  # the last few values: Welford's update, a merge of one
+                n, m, q = merge(n, m, q, 1.0, float(x[o, c, i]), 0.0)
+                j += tpb
+                o += do
+                i += di
+                if i >= inner:
+                    i -= inner
+                    o += 1
         sn = cuda.shared.array(tpb, float64)
         sm = cuda.shared.array(tpb, float64)
         sq = cuda.shared.array(tpb, float64)
@@ -136,26 +139,15 @@ def kernels(tpb, shuffle, unroll):
         if c >= C:
             r = r1  # a column past the last channel: contributes nothing
         while r < r1:
-            k = 0
             if r + (unroll - 1) * by < r1:
                 for u in range(unroll):
                     buf[u] = x[r, c]
                     r += by
-                k = unroll
+                bm, bq = block_moments(buf)
+                n, m, q = merge(n, m, q, float(unroll), bm, bq)
             else:
-                while r < r1:
-                    buf[k] = x[r, c]
-                    k += 1
-                    r += by
-            s = 0.0
-            for u in range(k):
-                s += buf[u]
-            bm = s / k
-            bq = 0.0
-            for u in range(k):
-                d = buf[u] - bm
-                bq += d * d
-            n, m, q = merge(n, m, q, float(k), bm, bq)
+                n, m, q = merge(n, m, q, 1.0, float(x[r, c]), 0.0)
+                r += by
         sn = cuda.shared.array(tpb, float64)
         sm = cuda.shared.array(tpb, float64)
         sq = cuda.shared.array(tpb, float64)
