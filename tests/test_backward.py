@@ -6,9 +6,9 @@ import pytest
 
 import nbnorm
 from nbnorm import config, reference
-from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
-                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
-                     KERNEL_PATHS, channel, data, positive, torch_backward, use_path)
+from helpers import (DTYPES, KERNEL_PATHS, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS,
+                     REF_TOL, SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close,
+                     assert_same, channel, data, positive, torch_backward, use_path)
 
 
 def _case(rng, shape, axis, dtype, affine, training):

@@ -6,9 +6,9 @@ import pytest
 
 import nbnorm
 from nbnorm import config, reference
-from helpers import (DTYPES, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS, REF_TOL,
-                     SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close, assert_same,
-                     KERNEL_PATHS, channel, data, positive, torch_forward, use_path)
+from helpers import (DTYPES, KERNEL_PATHS, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS,
+                     REF_TOL, SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close,
+                     assert_same, channel, data, positive, torch_forward, use_path)
 
 # train: batch statistics only; train+running: also updates running statistics;
 # infer: normalizes with the running statistics.
@@ -355,11 +355,13 @@ def test_float32_offset_statistics(rng, monkeypatch, shape, axis, offset, small_
     assert_close(res.out, exp.out, dict(rtol=1e-5, atol=1e-5))
 
 
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [((8, 3, 300), 1), ((500, 4), 1)],
                          ids=["planar", "interleaved"])
-def test_tiny_variance(rng, shape, axis, dtype):
+def test_tiny_variance(rng, monkeypatch, shape, axis, dtype, path):
     """std 1e-4 around 1 (float32 data is quantized at ~6e-8) and eps far below it."""
+    use_path(monkeypatch, path)
     x = data(rng, shape, dtype, loc=1.0, scale=1e-4)
     eps = 1e-14
     res = nbnorm.forward(x, eps=eps, axis=axis)
@@ -370,11 +372,13 @@ def test_tiny_variance(rng, shape, axis, dtype):
     assert_close(res.out, exp.out, dict(rtol=1e-5, atol=1e-5))
 
 
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [((5, 3, 7), 1), ((9, 3), 1)],
                          ids=["planar", "interleaved"])
-def test_constant_channel(rng, shape, axis, dtype):
+def test_constant_channel(rng, monkeypatch, shape, axis, dtype, path):
     """A constant (non-zero) channel has variance exactly 0: out is the bias."""
+    use_path(monkeypatch, path)
     x = data(rng, shape, dtype)
     idx = [slice(None)] * x.ndim
     idx[axis] = 1
