@@ -126,7 +126,9 @@ def test_gradients_without_weight(rng):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1), ((3, 5, 4, 6), -1)],
                          ids=["NCHW", "NC", "NHWC"])
-def test_preallocated_outputs(rng, shape, axis, training, dtype):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_preallocated_outputs(rng, monkeypatch, shape, axis, training, dtype, path):
+    use_path(monkeypatch, path)
     dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
     C = shape[axis]
     gi = np.full(shape, np.nan, dtype)
@@ -145,8 +147,10 @@ def test_preallocated_outputs(rng, shape, axis, training, dtype):
 @pytest.mark.parametrize("kind", ["C", "fortran", "stepped", "channels_last"])
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1)],
                          ids=["planar", "interleaved"])
-def test_in_place(rng, shape, axis, kind, training):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_in_place(rng, monkeypatch, shape, axis, kind, training, path):
     """``grad_input=grad_out`` computes in place, in any memory layout of grad_out."""
+    use_path(monkeypatch, path)
     dtype = np.float64
     dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
     exp = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)

@@ -223,8 +223,10 @@ def test_memory_layouts(rng, shape, axis, kind, dtype):
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
 @pytest.mark.parametrize("shape,axis", [((4, 3, 5, 6), 1), ((11, 4), 1)],
                          ids=["planar", "interleaved"])
-def test_output_memory_layouts(rng, shape, axis, kind):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_output_memory_layouts(rng, monkeypatch, shape, axis, kind, path):
     """A preallocated ``out`` in any layout is fully written, nothing around it is."""
+    use_path(monkeypatch, path)
     x = data(rng, shape, np.float64)
     out = as_memory(np.full(shape, np.nan), kind, axis)
     base = out.base if kind == "stepped" else None
@@ -244,7 +246,9 @@ def test_output_memory_layouts(rng, shape, axis, kind):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1), ((3, 5, 4, 6), -1)],
                          ids=["NCHW", "NC", "NHWC"])
-def test_preallocated_outputs(rng, shape, axis, training, dtype):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_preallocated_outputs(rng, monkeypatch, shape, axis, training, dtype, path):
+    use_path(monkeypatch, path)
     x, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "train+running")
     C = shape[axis]
     rm2, rv2 = rm.copy(), rv.copy()
@@ -279,8 +283,10 @@ def test_some_outputs_preallocated(rng, partial):
 @pytest.mark.parametrize("kind", ["C", "fortran", "stepped", "channels_last"])
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((17, 5), 1)],
                          ids=["planar", "interleaved"])
-def test_in_place(rng, shape, axis, kind, training):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_in_place(rng, monkeypatch, shape, axis, kind, training, path):
     """``out=x`` normalizes in place, in any memory layout."""
+    use_path(monkeypatch, path)
     dtype = np.float32
     base = data(rng, shape, dtype)
     x = base.copy() if kind == "C" else as_memory(base, kind, axis)
