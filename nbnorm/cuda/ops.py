@@ -198,18 +198,31 @@ def _nothing():
 # ----------------------------------------------------------------- launching
 
 def _stream(stream):
-    """A Numba stream: ``None``/0 -> the default stream; Numba streams as they
-    are; CuPy (``.ptr``) and PyTorch (``.cuda_stream``) streams or a raw
-    ``cudaStream_t`` integer -> ``cuda.external_stream``."""
-    if stream is None or (isinstance(stream, int) and stream == 0):
+    """A Numba stream for ``stream=``, checked before anything is launched.
+
+    ``None`` or 0: the default stream.  Numba streams as they are.  Objects of
+    the CUDA stream protocol (``__cuda_stream__``), CuPy streams (``.ptr``),
+    PyTorch streams (``.cuda_stream``) and raw ``cudaStream_t`` integers become
+    ``cuda.external_stream`` (a handle of 0 is the default stream).
+    """
+    if stream is None:
         return cuda.default_stream()
+    if isinstance(stream, bool):
+        raise TypeError("stream must be a CUDA stream or None, got a bool")
     if isinstance(stream, int):
-        return cuda.external_stream(stream)
-    for attr in ("cuda_stream", "ptr"):
-        handle = getattr(stream, attr, None)
-        if isinstance(handle, int):
-            return cuda.external_stream(handle) if handle else cuda.default_stream()
-    return stream  # a Numba stream
+        handle = stream
+    elif type(stream).__module__.startswith("numba"):  # Numba's (or the simulator's)
+        return stream
+    elif hasattr(stream, "__cuda_stream__"):
+        handle = int(stream.__cuda_stream__()[1])
+    elif isinstance(getattr(stream, "cuda_stream", None), int):
+        handle = stream.cuda_stream
+    elif isinstance(getattr(stream, "ptr", None), int):
+        handle = stream.ptr
+    else:
+        raise TypeError(f"stream must be a Numba, CuPy or PyTorch CUDA stream, a "
+                        f"cudaStream_t integer or None, got {type(stream).__name__}")
+    return cuda.external_stream(handle) if handle else cuda.default_stream()
 
 
 def _planar(x):
