@@ -12,7 +12,8 @@ import functools
 from numba import cuda, float64
 
 from ._device import reducers
-from .forward import elementwise_grid
+from .forward import (elementwise_grid, grid_stride_interleaved, grid_stride_planar,
+                      step_interleaved, step_planar)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,29 +91,25 @@ def kernels(tpb, shuffle, unroll):
         """``dx = k * (dy - a - (x - mean) * b)``, ``coef`` rows (mean, a, b, k)."""
         outer, C, inner = x.shape
         total = outer * C * inner
+        o, c, i, do, dc, di = grid_stride_planar(C, inner)
         e = cuda.grid(1)
-        stride = cuda.gridsize(1)
         while e < total:
-            r = e // inner
-            i = e - r * inner
-            o = r // C
-            c = r - o * C
             dx[o, c, i] = coef[3, c] * (float(dy[o, c, i]) - coef[1, c]
                                         - (float(x[o, c, i]) - coef[0, c]) * coef[2, c])
-            e += stride
+            e += cuda.gridsize(1)
+            o, c, i = step_planar(o, c, i, do, dc, di, C, inner)
 
     @cuda.jit
     def grad_input_interleaved(dy, x, coef, dx):
         outer, C = x.shape
         total = outer * C
+        o, c, do, dc = grid_stride_interleaved(C)
         e = cuda.grid(1)
-        stride = cuda.gridsize(1)
         while e < total:
-            o = e // C
-            c = e - o * C
             dx[o, c] = coef[3, c] * (float(dy[o, c]) - coef[1, c]
                                      - (float(x[o, c]) - coef[0, c]) * coef[2, c])
-            e += stride
+            e += cuda.gridsize(1)
+            o, c = step_interleaved(o, c, do, dc, C)
 
     return {"backward_reduce_planar": backward_reduce_planar,
             "backward_reduce_interleaved": backward_reduce_interleaved,
