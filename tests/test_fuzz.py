@@ -9,7 +9,7 @@ and whether outputs are preallocated, strided or in place.  The CI run draws
 ``NBNORM_FUZZ_EXAMPLES`` small examples (3000 by default, a few seconds once the
 kernels are compiled) and a twentieth as many big ones (multi-part reductions);
 the ``slow`` marker (deselected by default: ``python -m pytest -m slow``) draws
-20 times more small ones and twice as many big ones.
+20 times more small ones and 40 times more big ones (~6 minutes on 2 cores).
 Examples are random on every run; a failure prints the seed to reproduce it
 (``@reproduce_failure``), and any bug found gets a named regression test.
 """
