@@ -142,6 +142,45 @@ def test_train_and_inference_match_cpu_and_reference(rng, shape, axis, dtype, af
         close(host(got), r, dtype, name)
 
 
+def test_mixed_and_strided_parameters(rng):
+    """float64 parameters and running stats with float32 data, strided on the device."""
+    shape, C = (5, 4, 6), 4
+    x = rand(rng, shape, np.float32)
+    params = rng.uniform(0.5, 1.5, 2 * C)               # float64, interleaved w/b
+    rm0, rv0 = rng.uniform(-1, 1, C), rng.uniform(0.5, 2, C)
+    pd, rmd, rvd = dev(params), dev(rm0), dev(rv0)
+    res = nbnorm.forward(dev(x), pd[::2], pd[1::2], rmd, rvd)
+    rm_c, rv_c = rm0.copy(), rv0.copy()
+    cpu = nbnorm.forward(x, params[::2], params[1::2], rm_c, rv_c)
+    close(host(res.out), cpu.out, np.float32, "out")
+    close(host(rmd), rm_c, np.float64, "running_mean")
+    np.testing.assert_allclose(host(rvd), rv_c, rtol=1e-7)
+    assert host(res.mean).dtype == np.float32
+
+
+def test_constant_channel(rng):
+    """Zero variance: invstd = 1/sqrt(eps), out = bias."""
+    x = rand(rng, (6, 3, 5), np.float64)
+    x[:, 1, :] = 3.25
+    res = nbnorm.forward(dev(x), None, dev(np.full(3, 0.5)), eps=1e-3)
+    ref = reference.forward(x, None, np.full(3, 0.5), eps=1e-3)
+    close(host(res.out), ref.out, np.float64, "out")
+    assert host(res.invstd)[1] == 1 / np.sqrt(1e-3)
+
+
+def test_cuda_modules_mirror_cpu_modules():
+    from nbnorm.cpu import backward as cb, forward as cf, ops as co, stats as cs
+    from nbnorm.cuda import backward as gb, forward as gf, stats as gs
+    for cpu_mod, gpu_mod, names in [
+            (cs, gs, ["channel_stats_planar", "channel_stats_interleaved"]),
+            (cf, gf, ["normalize_planar", "normalize_interleaved"]),
+            (cb, gb, ["backward_reduce_planar", "backward_reduce_interleaved",
+                      "grad_input_planar", "grad_input_interleaved"]),
+            (co, ops, ["empty", "forward_train", "forward_infer", "backward"])]:
+        for name in names:
+            assert hasattr(cpu_mod, name) and hasattr(gpu_mod, name), name
+
+
 def test_reductions_split_channels_across_blocks():
     """The shapes above do exercise several blocks per channel and C > block."""
     assert stats.planar_parts(6, 2, 37)[0] == 3
