@@ -12,9 +12,9 @@ read per call; under workqueue concurrent calls take turns, each still using all
 of Numba's threads.
 
 Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
-costs 0.1-0.2 us per call (the layer check), 0.3 us more when it takes the
-uncontended lock; a forward+backward pair of the smallest shapes costs
-60-150 us, so the guard is below 1%.  See README "Threads".
+costs 0.1-0.3 us per call (the layer check), 0.3 us more when it takes the
+uncontended lock; the smallest forward call costs ~20 us, so the guard is at
+most 1-2%, below the run-to-run noise.  See README "Threads".
 """
 
 import functools
