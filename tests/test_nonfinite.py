@@ -12,8 +12,12 @@ import pytest
 import nbnorm
 from nbnorm import reference
 
-# (shape, axis, bad channel index): planar, interleaved, channels-last, middle axis.
+# (shape, axis): planar, interleaved, channels-last, middle axis (small: the
+# serial kernels), then shapes for each parallel path of cpu/ops (fused planar
+# with C >= 8, split planar, split interleaved): each must decide before writing.
 CASES = [((6, 4, 9), 1), ((33, 5), 1), ((3, 4, 5, 6), -1), ((4, 3, 5, 2), 2)]
+BIG_CASES = [((4, 16, 1024), 1), ((2, 3, 50000), 1), ((70000, 2), 1)]
+ALL_CASES = CASES + BIG_CASES
 POISONS = [np.nan, np.inf, -np.inf, "inf-inf"]
 
 
@@ -43,7 +47,7 @@ def _bits(a):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf", "inf-inf"])
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("shape,axis", ALL_CASES)
 def test_nonfinite_stays_in_its_channel(rng, shape, axis, poison, dtype):
     """NaN/inf in one channel make that channel's mean/invstd/out non-finite
     (propagate) and leave every other channel exact; the backward gradients of the
@@ -88,7 +92,7 @@ def test_nonfinite_stays_in_its_channel(rng, shape, axis, poison, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("shape,axis", ALL_CASES)
 def test_skip_keeps_running_stats_of_bad_channels(rng, shape, axis, dtype):
     """skip: outputs identical to propagate's, bad channels' running stats unchanged
     bitwise, good channels updated exactly as propagate updates them."""
@@ -124,7 +128,7 @@ def test_skip_with_all_finite_equals_propagate(rng):
 
 
 @pytest.mark.parametrize("preallocated", [False, True, "in-place"])
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("shape,axis", ALL_CASES)
 def test_raise_writes_nothing(rng, shape, axis, preallocated):
     """raise: FloatingPointError, and no output buffer (in-place x included) and no
     running statistic has changed."""
