@@ -13,8 +13,9 @@ between host and device or waits for the device -- except
 copies the O(C) float64 batch moments back and synchronizes the stream.
 
 Scratch: ``partials`` (3 x C x parts float64) and ``coef`` (4 x C float64) per
-call, through Numba's allocator (or the external memory manager configured
-with ``NUMBA_CUDA_MEMORY_MANAGER``, e.g. CuPy's or RMM's pool).
+call, through Numba's allocator, whose batched frees (``cuMemFree``) can
+synchronize the device; an external memory manager plugin
+(``NUMBA_CUDA_MEMORY_MANAGER=rmm.allocators.numba``) avoids that.
 """
 
 import numpy as np
