@@ -30,3 +30,10 @@ SERIAL_MAX = 32768
 FUSE_MIN_C = 8
 #: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
 FUSE_MAX_BYTES = 4 << 20
+
+#: Serialize nbnorm's CPU calls behind one process-wide lock (``cpu/threads.py``).
+#: None: only while Numba's threading layer is ``workqueue``, which aborts the
+#: process on concurrent launches, or not chosen yet.  True: always (e.g. many
+#: Python threads under omp/tbb: one call at a time instead of oversubscribed
+#: cores).  False: never.  Results are the same either way.
+SERIALIZE_CPU_CALLS = None
