@@ -126,7 +126,8 @@ def test_concurrent_calls_omp_layer():
 
 def test_guard_locks_only_for_workqueue(monkeypatch):
     """The decision itself: lock while the layer is unknown or workqueue, not for
-    omp/tbb; ``FORCE`` overrides it."""
+    omp/tbb; ``config.SERIALIZE_CPU_CALLS`` overrides it."""
+    from nbnorm import config
     from nbnorm.cpu import threads
 
     monkeypatch.setattr(threads, "_safe_layer", False)
@@ -141,7 +142,7 @@ def test_guard_locks_only_for_workqueue(monkeypatch):
 
     monkeypatch.setattr(threads.numba, "threading_layer", unchosen)
     assert threads._needs_lock() is True
-    monkeypatch.setattr(threads, "FORCE", False)
+    monkeypatch.setattr(config, "SERIALIZE_CPU_CALLS", False)
     assert threads._needs_lock() is False
-    monkeypatch.setattr(threads, "FORCE", True)
+    monkeypatch.setattr(config, "SERIALIZE_CPU_CALLS", True)
     assert threads._needs_lock() is True

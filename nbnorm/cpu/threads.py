@@ -9,7 +9,7 @@ is not threadsafe ...").  So every CPU entry point of ``ops`` runs under
 ``serialized``: one process-wide lock, taken only while the layer is ``workqueue``
 or not chosen yet (the very first launches).  Under omp/tbb it costs one global
 read per call; under workqueue concurrent calls take turns, each still using all
-of Numba's threads.
+of Numba's threads.  ``config.SERIALIZE_CPU_CALLS`` forces the lock on or off.
 
 Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
 costs 0.1-0.3 us per call (the layer check), 0.3 us more when it takes the
@@ -22,9 +22,7 @@ import threading
 
 import numba
 
-#: None: decide from the threading layer (lock under workqueue only).  True/False
-#: force the lock on/off (tests and measurements).
-FORCE = None
+from .. import config
 
 _lock = threading.RLock()
 _safe_layer = False  # True once a thread-safe layer is known to be in use
@@ -32,8 +30,8 @@ _safe_layer = False  # True once a thread-safe layer is known to be in use
 
 def _needs_lock():
     global _safe_layer
-    if FORCE is not None:
-        return FORCE
+    if config.SERIALIZE_CPU_CALLS is not None:
+        return bool(config.SERIALIZE_CPU_CALLS)
     if _safe_layer:
         return False
     try:
