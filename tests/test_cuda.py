@@ -310,6 +310,25 @@ def test_stream_argument(rng):
         nbnorm.forward(xd, stream="default")
 
 
+def test_scratch_reused_per_thread_and_stream(rng):
+    """Intermediate buffers are kept between calls (no allocation, hence no
+    allocator sync, in a training loop), but never shared by two streams or threads."""
+    import threading
+    s1, s2 = cuda.stream(), cuda.stream()
+    a = ops._scratch("test", (2, 3), s1)
+    assert ops._scratch("test", (2, 3), s1) is a
+    assert ops._scratch("test", (2, 3), s2) is not a
+    assert ops._scratch("test", (3, 3), s1) is not a
+    other = []
+    t = threading.Thread(target=lambda: other.append(ops._scratch("test", (2, 3), s1)))
+    t.start()
+    t.join()
+    assert other[0] is not a
+    for k in range(ops._SCRATCH_MAX + 1):  # bounded
+        ops._scratch("test", (1, k + 1), s1)
+    assert len(ops._SCRATCH) <= ops._SCRATCH_MAX
+
+
 def test_canonical_views_do_not_copy(rng):
     x = rand(rng, (2, 5, 3, 4), np.float32)
     for memory in (None, (0, 2, 3, 1)):

@@ -12,11 +12,14 @@ between host and device or waits for the device -- except
 ``on_nonfinite="raise"``, which must know on the host whether to raise: it
 copies the O(C) float64 batch moments back and synchronizes the stream.
 
-Scratch: ``partials`` (3 x C x parts float64) and ``coef`` (4 x C float64) per
-call, through Numba's allocator, whose batched frees (``cuMemFree``) can
-synchronize the device; an external memory manager plugin
-(``NUMBA_CUDA_MEMORY_MANAGER=rmm.allocators.numba``) avoids that.
+Scratch: ``partials`` (k x C x parts float64) and ``coef`` (k x C float64),
+O(C) each, kept between calls (``_scratch``) so that a training loop does not
+allocate and free device memory at every step: Numba's default allocator
+batches frees into ``cuMemFree``, which synchronizes the device.
 """
+
+import collections
+import threading
 
 import numpy as np
 from numba import config as numba_config
@@ -226,6 +229,34 @@ def _stream(stream):
     return cuda.external_stream(handle) if handle else cuda.default_stream()
 
 
+#: Scratch buffers kept for reuse, least recently used first.
+_SCRATCH = collections.OrderedDict()
+_SCRATCH_LOCK = threading.Lock()
+_SCRATCH_MAX = 32
+
+
+def _scratch(name, shape, stream):
+    """A float64 device buffer for one call's intermediate results, reused.
+
+    Keyed by the calling thread, the device and the stream as well as the
+    shape: two calls that share a buffer are queued on one stream by one thread,
+    so the second's kernels start after the first's have finished with it.
+    """
+    if SIMULATOR:
+        device, handle = 0, id(stream)
+    else:
+        device, handle = cuda.get_current_device().id, int(stream)
+    key = (name, shape, threading.get_ident(), device, handle)
+    with _SCRATCH_LOCK:
+        buf = _SCRATCH.pop(key, None)
+        if buf is None:
+            buf = cuda.device_array(shape, np.float64)
+            while len(_SCRATCH) >= _SCRATCH_MAX:
+                _SCRATCH.popitem(last=False)
+        _SCRATCH[key] = buf
+    return buf
+
+
 def _planar(x):
     return x.ndim == 3
 
@@ -243,8 +274,7 @@ def _reduce(x, stream, params, dy=None, mean=None):
         parts, step = stats.planar_parts(*x.shape)
     else:
         bx, parts, step = stats.interleaved_parts(x.shape[0], C, tpb)
-    partials = cuda.device_array((3 if dy is None else 2, C, parts), np.float64,
-                                 stream=stream)
+    partials = _scratch("partials", (3 if dy is None else 2, C, parts), stream)
     if dy is None and _planar(x):
         stats.channel_stats_planar(x, partials, parts, step, stream, params)
     elif dy is None:
@@ -282,7 +312,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     mean, invstd = asarray(mean), asarray(invstd)
     partials = _reduce(x, s, params)
     if on_nonfinite == "raise":  # the one host sync: the caller asked for the answer
-        moments = cuda.device_array((2, C), np.float64, stream=s)
+        moments = _scratch("moments", (2, C), s)
         finalize.merge_stats[_per_channel_grid(C, tpb), tpb, s](partials, moments)
         host = moments.copy_to_host(stream=s)
         s.synchronize()
@@ -290,7 +320,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     flags = _flags(weight, bias, running_mean)
     if on_nonfinite == "skip":
         flags |= finalize.SKIP_NONFINITE
-    coef = cuda.device_array((3, C), np.float64, stream=s)
+    coef = _scratch("coef", (3, C), s)
     finalize.finalize_train[_per_channel_grid(C, tpb), tpb, s](
         partials, float(n), eps, momentum, _or(weight, mean), _or(bias, mean),
         _or(running_mean, mean), _or(running_var, mean), flags, mean, invstd, coef)
@@ -304,7 +334,7 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
     s = _stream(stream)
     C = x.shape[1]
     mean, invstd = asarray(mean), asarray(invstd)
-    coef = cuda.device_array((3, C), np.float64, stream=s)
+    coef = _scratch("coef", (3, C), s)
     finalize.finalize_infer[_per_channel_grid(C, tpb), tpb, s](
         asarray(running_mean), asarray(running_var), eps, _or(weight, mean),
         _or(bias, mean), _flags(weight, bias), mean, invstd, coef)
@@ -321,7 +351,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     mean, invstd = asarray(mean), asarray(invstd)
     grad_weight, grad_bias = asarray(grad_weight), asarray(grad_bias)
     partials = _reduce(x, s, params, dy=dy, mean=mean)
-    coef = cuda.device_array((4, C), np.float64, stream=s)
+    coef = _scratch("coef", (4, C), s)
     flags = _flags(weight, None) | (finalize.TRAINING if training else 0)
     finalize.finalize_backward[_per_channel_grid(C, tpb), tpb, s](
         partials, float(n), mean, invstd, _or(weight, grad_bias), flags,
