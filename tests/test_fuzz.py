@@ -7,7 +7,9 @@ times the spread, spreads from 1e-3 to 1e3), the memory layout of x and
 grad_out (C order, Fortran, permuted, stepped, reversed, broadcast grad_out),
 and whether outputs are preallocated, strided or in place.  The CI run draws
 ``NBNORM_FUZZ_EXAMPLES`` small examples (3000 by default, a few seconds once the
-kernels are compiled) and a twentieth as many big ones (multi-part reductions);
+kernels are compiled), a twentieth as many big ones (multi-part reductions) and
+a sixth as many poisoned batches (NaN/inf in random channels) run under each
+``on_nonfinite`` policy;
 the ``slow`` marker (deselected by default: ``python -m pytest -m slow``) draws
 20 times more small ones and 40 times more big ones (~6 minutes on 2 cores).
 Examples are random on every run; a failure prints the seed to reproduce it
@@ -121,7 +123,7 @@ def check(p):
         kw = dict(out=_layout(np.full(shape, np.nan, dt), "stepped", prng),
                   mean=np.full(2 * C, np.nan, dt)[::2], invstd=np.full(2 * C, np.nan, dt)[1::2])
     elif p["outputs"] == "in-place":
-        x = x.copy() if not x.flags.writeable else x
+        x = _layout(x0.copy(), p["x_layout"], prng)  # never x0 itself: it is the oracle's
         kw = dict(out=x)
     res = nbnorm.forward(x, w, b, rm, rv, training=p["training"], momentum=p["momentum"],
                          eps=p["eps"], axis=axis, **kw)
@@ -204,3 +206,93 @@ def test_fuzz_big_shapes_slow(p):
 @given(problems())
 def test_fuzz_forward_backward_slow(p):
     check(p)
+
+
+@st.composite
+def poisoned(draw):
+    p = draw(problems(big=draw(st.booleans())))
+    p["training"] = True
+    p["running"] = True
+    shape, axis = p["shape"], p["axis"] % len(p["shape"])
+    if int(np.prod(shape)) // shape[axis] < 2:
+        p["shape"] = tuple(s + (i != axis) for i, s in enumerate(shape))
+    p["outputs"] = draw(st.sampled_from(["new", "preallocated", "in-place"]))
+    C = p["shape"][p["axis"]]
+    p["bad"] = sorted(set(draw(st.lists(st.integers(0, C - 1), max_size=3))))
+    p["poison"] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return p
+
+
+def check_nonfinite(p):
+    """propagate / skip / raise on the same poisoned batch: skip's outputs are
+    propagate's bitwise, its running stats keep the bad channels and take
+    propagate's values elsewhere; raise raises exactly when a channel is bad and
+    then writes nothing (in place included); the good channels are exact."""
+    rng = np.random.default_rng(p["seed"])
+    shape, axis, dt = p["shape"], p["axis"], p["dtype"]
+    C = shape[axis]
+    x0 = (rng.standard_normal(shape) * p["scale"] + p["offset"] * p["scale"]).astype(dt)
+    xc = np.moveaxis(x0, axis, 0)
+    for c in p["bad"]:
+        xc[c].flat[int(rng.integers(xc[c].size))] = p["poison"]
+    rm0 = rng.uniform(-1, 1, C).astype(dt)
+    rv0 = rng.uniform(0.1, 3, C).astype(dt)
+    results = {}
+    for policy in ("propagate", "skip", "raise"):
+        # the same memory layout for every policy (another layout may run another
+        # kernel, whose last bits may differ)
+        prng = np.random.default_rng(p["perm_seed"])
+        x = _layout(x0.copy(), p["x_layout"], prng)
+        rm, rv = rm0.copy(), rv0.copy()
+        kw = {}
+        if p["outputs"] == "preallocated":
+            kw = dict(out=np.full(shape, 7, dt), mean=np.full(C, 7, dt),
+                      invstd=np.full(C, 7, dt))
+        elif p["outputs"] == "in-place":
+            kw = dict(out=x)
+        before = [a.tobytes() for a in (x, rm, rv, *kw.values())]
+        if policy == "raise" and p["bad"]:
+            with pytest.raises(FloatingPointError):
+                nbnorm.forward(x, None, None, rm, rv, axis=axis, momentum=p["momentum"],
+                               eps=p["eps"], on_nonfinite="raise", **kw)
+            assert [a.tobytes() for a in (x, rm, rv, *kw.values())] == before
+            continue
+        r = nbnorm.forward(x, None, None, rm, rv, axis=axis, momentum=p["momentum"],
+                           eps=p["eps"], on_nonfinite=policy, **kw)
+        results[policy] = ([np.ascontiguousarray(a).tobytes() for a in r], rm, rv, r)
+    prop, skip = results["propagate"], results["skip"]
+    assert prop[0] == skip[0]
+    bad = np.zeros(C, bool)
+    bad[p["bad"]] = True
+    seen = ~(np.isfinite(skip[3].mean) & np.isfinite(skip[3].invstd))
+    assert (seen == bad).all()
+    assert skip[1][bad].tobytes() == rm0[bad].tobytes()
+    assert skip[2][bad].tobytes() == rv0[bad].tobytes()
+    assert skip[1][~bad].tobytes() == prop[1][~bad].tobytes()
+    assert skip[2][~bad].tobytes() == prop[2][~bad].tobytes()
+    if (~bad).any():
+        good = np.flatnonzero(~bad)
+        exp = reference.forward(np.take(x0, good, axis=axis), axis=axis, eps=p["eps"])
+        np.testing.assert_allclose(np.take(skip[3].out, good, axis=axis), exp.out,
+                                   **_tol(dt, 10.0))
+
+
+# momentum=0 with an inf mean computes 0*inf for the running mean (NumPy warns;
+# skip then discards the value, propagate stores the NaN like PyTorch)
+NONFINITE_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning")
+
+
+@NONFINITE_WARNINGS
+@settings(max_examples=max(100, FUZZ_EXAMPLES // 6), **COMMON)
+@given(poisoned())
+def test_fuzz_nonfinite_policies(p):
+    check_nonfinite(p)
+
+
+@pytest.mark.slow
+@NONFINITE_WARNINGS
+@settings(max_examples=SLOW_EXAMPLES // 6, **COMMON)
+@given(poisoned())
+def test_fuzz_nonfinite_policies_slow(p):
+    check_nonfinite(p)
