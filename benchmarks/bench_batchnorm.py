@@ -1,0 +1,86 @@
+"""Forward (training, inference) and backward against a copy of the same array.
+
+Read the results as ratios: ``time_forward_train / time_copy`` for the same
+parameters is the "copy-times" figure of DESIGN.md §4 (floor 1.5; inference 1.0;
+backward 2.5).  Every output is preallocated, so ``peakmem_*`` minus
+``peakmem_copy`` is the extra memory a call needs (O(C x parts), not O(x)).
+"""
+
+import numpy as np
+
+import nbnorm
+
+from .common import DTYPES, LAYOUTS, SIZES, batch
+
+
+class BatchNorm:
+    params = (LAYOUTS, DTYPES, SIZES)
+    param_names = ["layout", "dtype", "size"]
+    # A 51 MB batch: a few ms per call; asv's defaults give stable medians.
+    timeout = 300
+
+    def setup(self, layout, dtype, size):
+        self.b = batch(layout, dtype, size)
+        # Warm up: JIT (or load from cache) every kernel on the real shapes.
+        self.forward_train()
+        self.forward_infer()
+        self.backward_train()
+
+    def forward_train(self):
+        b = self.b
+        return nbnorm.forward(b.x, b.weight, b.bias, b.running_mean, b.running_var,
+                              training=True, axis=b.axis, out=b.out, mean=b.mean,
+                              invstd=b.invstd)
+
+    def forward_infer(self):
+        b = self.b
+        return nbnorm.forward(b.x, b.weight, b.bias, b.running_mean, b.running_var,
+                              training=False, axis=b.axis, out=b.out, mean=b.mean,
+                              invstd=b.invstd)
+
+    def backward_train(self):
+        b = self.b
+        return nbnorm.backward(b.dy, b.x, b.mean, b.invstd, b.weight, training=True,
+                               axis=b.axis, grad_input=b.grad_input,
+                               grad_weight=b.grad_weight, grad_bias=b.grad_bias)
+
+    def time_copy(self, layout, dtype, size):
+        """The yardstick: np.copyto of the same array."""
+        np.copyto(self.b.out, self.b.x)
+
+    def time_forward_train(self, layout, dtype, size):
+        self.forward_train()
+
+    def time_forward_infer(self, layout, dtype, size):
+        self.forward_infer()
+
+    def time_backward_train(self, layout, dtype, size):
+        self.backward_train()
+
+    def peakmem_copy(self, layout, dtype, size):
+        np.copyto(self.b.out, self.b.x)
+
+    def peakmem_forward_train(self, layout, dtype, size):
+        self.forward_train()
+
+    def peakmem_backward_train(self, layout, dtype, size):
+        self.backward_train()
+
+
+class SmallCall:
+    """Per-call overhead: a (32, 64) float32 forward with nothing preallocated."""
+
+    def setup(self):
+        rng = np.random.default_rng(1)
+        self.x = rng.standard_normal((32, 64), dtype=np.float32)
+        self.w = np.ones(64, np.float32)
+        self.b = np.zeros(64, np.float32)
+        self.rm = np.zeros(64, np.float32)
+        self.rv = np.ones(64, np.float32)
+        nbnorm.forward(self.x, self.w, self.b, self.rm, self.rv)
+
+    def time_forward_train(self):
+        nbnorm.forward(self.x, self.w, self.b, self.rm, self.rv)
+
+    def time_forward_train_plain(self):
+        nbnorm.forward(self.x)

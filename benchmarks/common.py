@@ -1,0 +1,61 @@
+"""Shared data for the asv suite: seeded batches per (layout, dtype, size).
+
+The thread count is pinned (``NUMBA_NUM_THREADS``, default 2: the reference
+machine's cores) before Numba is imported, so results of different commits and
+runs are comparable.  ``NBNORM_ASV_SIZES=small`` restricts the suite to the
+small shapes (the smoke test in ``tests/test_benchmarks.py`` uses it).
+"""
+
+import functools
+import os
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+SEED = 20240603
+
+#: The issue-3 batches ("large": 51 MB in float32, NC 34 MB) and small ones
+#: where per-call overhead dominates.
+SHAPES = {
+    ("NCHW", "large"): ((64, 64, 56, 56), 1),
+    ("NHWC", "large"): ((64, 56, 56, 64), -1),
+    ("NC", "large"): ((8192, 1024), 1),
+    ("NCHW", "small"): ((8, 16, 14, 14), 1),
+    ("NHWC", "small"): ((8, 14, 14, 16), -1),
+    ("NC", "small"): ((32, 64), 1),
+}
+
+LAYOUTS = ["NCHW", "NHWC", "NC"]
+DTYPES = ["float32", "float64"]
+SIZES = [s for s in ("small", "large")
+         if s in os.environ.get("NBNORM_ASV_SIZES", "small,large").split(",")]
+
+
+class Batch:
+    """A batch with its parameters and every output preallocated."""
+
+    def __init__(self, layout, dtype, size):
+        shape, axis = SHAPES[layout, size]
+        dtype = np.dtype(dtype)
+        rng = np.random.default_rng(SEED)
+        C = shape[axis]
+        self.axis = axis
+        self.x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 3.0).astype(dtype)
+        self.dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        self.weight = rng.uniform(0.5, 1.5, C).astype(dtype)
+        self.bias = rng.uniform(-1.0, 1.0, C).astype(dtype)
+        self.running_mean = rng.uniform(2.0, 4.0, C).astype(dtype)
+        self.running_var = rng.uniform(3.0, 5.0, C).astype(dtype)
+        self.out = np.zeros_like(self.x)          # touched: no page faults in the timings
+        self.grad_input = np.zeros_like(self.x)
+        self.mean = np.empty(C, dtype)
+        self.invstd = np.empty(C, dtype)
+        self.grad_weight = np.empty(C, dtype)
+        self.grad_bias = np.empty(C, dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def batch(layout, dtype, size):
+    """The (cached) batch for one parameter combination."""
+    return Batch(layout, dtype, size)

@@ -1,0 +1,316 @@
+"""``python -m nbnorm``: check every CPU kernel against the reference, then time it.
+
+Each kernel (forward in training and inference mode, backward in training mode;
+planar and interleaved layouts) runs on a realistic batch, is compared with the
+float64 ``nbnorm.reference`` on the same data, and is timed as a ratio to
+``np.copyto`` of the same array and to PyTorch's ``batch_norm`` (when torch is
+importable), all in this process, interleaved round by round, so that the
+ratios survive a noisy machine better than absolute times do (DESIGN.md §4).
+The exit status is 1 when a check fails.
+
+    python -m nbnorm                 # the issue-3 shapes, float32 and float64
+    python -m nbnorm --quick         # small shapes, a few rounds (tests, CI)
+    python -m nbnorm --dtype float32 --rounds 21 --no-torch
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+import nbnorm
+from nbnorm import reference
+
+#: (name, shape, axis): the shapes of issue 3, all 51 MB (NC: 34 MB) in float32.
+SHAPES = [("NCHW", (64, 64, 56, 56), 1),
+          ("NHWC", (64, 56, 56, 64), -1),
+          ("NC", (8192, 1024), 1)]
+QUICK_SHAPES = [("NCHW", (8, 16, 24, 24), 1),
+                ("NHWC", (8, 24, 24, 16), -1),
+                ("NC", (512, 128), 1)]
+#: The small call: float32, nothing preallocated, per-call overhead dominates.
+SMALL_SHAPE = (32, 64)
+
+#: Tolerance of a check, relative to the largest magnitude of the reference
+#: result: both compute in float64 from the same data, so only the rounding of
+#: the output dtype and the summation order differ.
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+KERNELS = ("forward-train", "forward-infer", "backward-train")
+
+
+class Row(NamedTuple):
+    kernel: str
+    layout: str
+    shape: tuple
+    dtype: str
+    copy_s: float        # median seconds of np.copyto
+    nbnorm: float        # median ratio to copy
+    torch: float         # median ratio to copy (nan without torch)
+    error: float         # largest relative deviation from the reference
+    ok: bool
+
+
+# ------------------------------------------------------------------- timing
+
+def _ratios(fns, rounds, inner=1):
+    """Median seconds of each function and median per-round ratios to ``fns[0]``.
+
+    Every round runs each function ``inner`` times (median taken), one after the
+    other, so that all see the same machine state.
+    """
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, f in enumerate(fns):
+            ts = []
+            for _ in range(inner):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            times[k].append(float(np.median(ts)))
+    t = np.array(times)
+    return np.median(t, axis=1), np.median(t / t[0], axis=1)
+
+
+def _per_call(f, number):
+    t0 = time.perf_counter()
+    for _ in range(number):
+        f()
+    return (time.perf_counter() - t0) / number
+
+
+# -------------------------------------------------------------------- torch
+
+def _torch(threads):
+    """torch with ``threads`` intra-op threads, or None when it is not installed."""
+    if os.environ.get("NBNORM_BENCH_NO_TORCH"):
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _torch_layouts(torch, x, axis):
+    """The tensor views of ``x`` torch can take: its own layout for the data and,
+    for channels-last data, a contiguous NCHW copy (torch's "best layout" is the
+    faster of the two)."""
+    t = torch.from_numpy(x)
+    if x.ndim > 2 and axis % x.ndim == x.ndim - 1:  # NHWC data: channels_last view
+        nchw = t.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+        return [nchw, nchw.contiguous()]
+    return [t]
+
+
+def _torch_fns(torch, x, dy, axis, params):
+    """Callables running torch's forward-train, forward-infer, backward-train,
+    one list (one per layout) each."""
+    w, b, rm, rv, eps = params
+    F = torch.nn.functional
+    tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    fns = {k: [] for k in KERNELS}
+    for tx, tdy in zip(_torch_layouts(torch, x, axis), _torch_layouts(torch, dy, axis)):
+        if tdy.stride() != tx.stride():
+            tdy = tdy.contiguous(memory_format=torch.channels_last) if tx.dim() == 4 \
+                else tdy.contiguous()
+        _, smean, sinv = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, eps)
+        fns["forward-train"].append(
+            lambda tx=tx: F.batch_norm(tx, trm, trv, tw, tb, training=True, eps=eps))
+        fns["forward-infer"].append(
+            lambda tx=tx: F.batch_norm(tx, trm, trv, tw, tb, training=False, eps=eps))
+        fns["backward-train"].append(
+            lambda tx=tx, tdy=tdy, sm=smean, si=sinv: torch.ops.aten.native_batch_norm_backward(
+                tdy, tx, tw, trm, trv, sm, si, True, eps, [True, True, True]))
+    return fns
+
+
+# ------------------------------------------------------------------- checks
+
+def _rel_err(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    return float(np.max(np.abs(actual - expected))) / scale
+
+
+def _check_forward(training, x, axis, params, res):
+    """Largest relative deviation of ``res`` (nbnorm's ForwardResult) from the reference."""
+    w, b, rm, rv, eps = params
+    exp = reference.forward(x, w, b, rm, rv, training=training, eps=eps, axis=axis)
+    return max(_rel_err(a, e) for a, e in zip(res, (exp.out, exp.mean, exp.invstd)))
+
+
+def _check_backward(x, dy, axis, mean, invstd, w, res):
+    exp = reference.backward(dy, x, mean, invstd, w, axis=axis)
+    return max(_rel_err(a, e) for a, e in zip(res, exp))
+
+
+# -------------------------------------------------------------------- cases
+
+def run_case(name, shape, axis, dtype, rounds, torch, rng, inner=1):
+    """Check and time the three kernels on one batch; a list of ``Row``."""
+    dtype = np.dtype(dtype)
+    C = shape[axis]
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 3.0).astype(dtype)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.uniform(-1.0, 1.0, C).astype(dtype)
+    rm = rng.uniform(2.0, 4.0, C).astype(dtype)
+    rv = rng.uniform(3.0, 5.0, C).astype(dtype)
+    eps = 1e-5
+    params = (w, b, rm, rv, eps)
+    out = np.empty_like(x)
+    gi = np.empty_like(x)
+    mean, invstd = np.empty(C, dtype), np.empty(C, dtype)
+    gw, gb = np.empty(C, dtype), np.empty(C, dtype)
+    run_rm, run_rv = rm.copy(), rv.copy()
+    out.fill(np.nan)
+    gi.fill(np.nan)
+
+    nb = {
+        "forward-train": lambda: nbnorm.forward(
+            x, w, b, run_rm, run_rv, training=True, eps=eps, axis=axis,
+            out=out, mean=mean, invstd=invstd),
+        "forward-infer": lambda: nbnorm.forward(
+            x, w, b, rm, rv, training=False, eps=eps, axis=axis,
+            out=out, mean=mean, invstd=invstd),
+        "backward-train": lambda: nbnorm.backward(
+            dy, x, mean, invstd, w, training=True, axis=axis,
+            grad_input=gi, grad_weight=gw, grad_bias=gb),
+    }
+    tfns = _torch_fns(torch, x, dy, axis, params) if torch is not None else None
+
+    rows = []
+    for kernel in KERNELS:
+        if kernel == "backward-train":
+            nbnorm.forward(x, w, b, eps=eps, axis=axis, mean=mean, invstd=invstd, out=out)
+            res = nb[kernel]()
+            err = _check_backward(x, dy, axis, mean.copy(), invstd.copy(), w, res)
+        else:
+            res = nb[kernel]()
+            err = _check_forward(kernel == "forward-train", x, axis, params, res)
+        ok = err <= TOL[dtype]
+        fns = [lambda: np.copyto(out if kernel != "backward-train" else gi, x), nb[kernel]]
+        if tfns is not None:
+            for f in tfns[kernel]:
+                f()  # warm up each layout
+            fns += tfns[kernel]
+        secs, ratios = _ratios(fns, rounds, inner)
+        t_ratio = float(min(ratios[2:])) if tfns is not None else float("nan")
+        rows.append(Row(kernel, name, shape, dtype.name, float(secs[0]), float(ratios[1]),
+                        t_ratio, err, ok))
+    return rows
+
+
+def small_call(torch, rounds, number):
+    """Microseconds per call of a (32, 64) float32 forward-train, nothing
+    preallocated: (nbnorm, torch or nan, error)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
+    C = SMALL_SHAPE[1]
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    res = nbnorm.forward(x, w, b, rm.copy(), rv.copy())
+    err = _rel_err(res.out, reference.forward(x, w, b).out)
+    fns = [lambda: nbnorm.forward(x, w, b, rm, rv)]
+    if torch is not None:
+        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        fns.append(lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True))
+    us = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, f in enumerate(fns):
+            us[k].append(_per_call(f, number) * 1e6)
+    med = [float(np.median(u)) for u in us]
+    return med[0], (med[1] if torch is not None else float("nan")), err
+
+
+# ------------------------------------------------------------------- output
+
+def _header(torch):
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = "not chosen yet"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [f"nbnorm {nbnorm.__version__}, numba {numba.__version__} "
+             f"({numba.get_num_threads()} threads, {layer} layer), numpy {np.__version__}, "
+             + (f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+                if torch is not None else "torch not installed"),
+             f"CPU: {cpu}, {os.cpu_count()} logical CPUs"]
+    return "\n".join(lines)
+
+
+def _fmt(v, spec="{:.2f}"):
+    return "-" if v != v else spec.format(v)
+
+
+def format_rows(rows):
+    head = (f"{'kernel':<15} {'layout':<6} {'shape':<15} {'dtype':<8} {'copy ms':>8} "
+            f"{'nbnorm/copy':>11} {'torch/copy':>10} {'nbnorm/torch':>12}  check")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        vs_torch = r.nbnorm / r.torch if r.torch == r.torch else float("nan")
+        out.append(f"{r.kernel:<15} {r.layout:<6} {shape:<15} {r.dtype:<8} "
+                   f"{r.copy_s * 1e3:>8.3f} {r.nbnorm:>11.2f} {_fmt(r.torch):>10} "
+                   f"{_fmt(vs_torch):>12}  {'ok' if r.ok else 'FAILED'} ({r.error:.1e})")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nbnorm", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and few rounds: a check that everything runs")
+    p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per kernel (default 11, 3 with --quick)")
+    p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    args = p.parse_args(argv)
+
+    import numba
+
+    rounds = args.rounds or (3 if args.quick else 11)
+    torch = None if args.no_torch else _torch(numba.get_num_threads())
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rng = np.random.default_rng(0)
+
+    rows = []
+    for dtype in dtypes:
+        for name, shape, axis in shapes:
+            rows += run_case(name, shape, axis, dtype, rounds, torch, rng,
+                             inner=5 if args.quick else 3)
+    small_nb, small_t, small_err = small_call(torch, rounds, 200 if args.quick else 2000)
+
+    print(_header(torch))
+    print("Timings: medians over rounds; each ratio is to np.copyto of the same array "
+          "timed in the same round (lower is better); outputs preallocated; torch in its "
+          "faster layout.\n")
+    print(format_rows(rows))
+    small_ok = small_err <= TOL[np.dtype(np.float32)]
+    ratio = small_nb / small_t if small_t == small_t else float("nan")
+    print(f"\nsmall call: forward-train {SMALL_SHAPE} float32, nothing preallocated: "
+          f"nbnorm {small_nb:.1f} us, torch {_fmt(small_t, '{:.1f}')} us, "
+          f"nbnorm/torch {_fmt(ratio)}  {'ok' if small_ok else 'FAILED'} ({small_err:.1e})")
+    failed = [r for r in rows if not r.ok] + ([] if small_ok else ["small call"])
+    if failed:
+        print(f"\n{len(failed)} check(s) FAILED against nbnorm.reference", file=sys.stderr)
+        return 1
+    print("\nall checks passed against nbnorm.reference")
+    return 0

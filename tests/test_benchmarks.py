@@ -1,0 +1,144 @@
+"""Smoke tests of the benchmark tooling, so that it cannot rot: ``python -m nbnorm``
+and the asv suite run and report what they should.  Nothing here asserts on a
+timing (DESIGN.md §5): a loaded CI machine must not fail them.
+"""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import nbnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nbnorm.__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def test_selfcheck_quick_runs_and_reports_every_kernel():
+    """``python -m nbnorm --quick``: checks pass, every kernel and layout is in the table."""
+    proc = subprocess.run([sys.executable, "-m", "nbnorm", "--quick", "--rounds", "1"],
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "all checks passed" in out
+    for kernel in ("forward-train", "forward-infer", "backward-train"):
+        for layout in ("NCHW", "NHWC", "NC"):
+            rows = [l for l in out.splitlines() if l.startswith(kernel) and f" {layout} " in l]
+            assert len(rows) == 2, (kernel, layout, out)  # float32 and float64
+            assert all(l.rstrip().split()[-2] == "ok" for l in rows), rows
+    assert "small call" in out and "nbnorm/copy" in out
+
+
+def test_selfcheck_without_torch():
+    """The comparison works where torch is not installed (it is hidden here)."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from nbnorm.bench import main\n"
+            "sys.exit(main(['--quick', '--rounds', '1', '--dtype', 'float32']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch not installed" in proc.stdout
+    assert "all checks passed" in proc.stdout
+
+
+def test_selfcheck_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    """A kernel that returns wrong numbers makes the self-check exit non-zero."""
+    from nbnorm import bench
+    from nbnorm.cpu import ops
+
+    real = ops.forward_infer
+
+    def wrong(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
+        real(x, weight, bias, eps, running_mean, running_var, out, mean, invstd)
+        out[...] += 1e-3
+
+    monkeypatch.setattr(ops, "forward_infer", wrong)
+    monkeypatch.setattr(bench, "QUICK_SHAPES", bench.QUICK_SHAPES[2:])
+    assert bench.main(["--quick", "--rounds", "1", "--dtype", "float32", "--no-torch"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def _benchmark_modules():
+    sys.path.insert(0, ROOT)
+    try:
+        return [importlib.import_module(f"benchmarks.{name[:-3]}")
+                for name in sorted(os.listdir(os.path.join(ROOT, "benchmarks")))
+                if name.startswith("bench_") and name.endswith(".py")]
+    finally:
+        sys.path.remove(ROOT)
+
+
+def test_benchmark_methods_run_on_small_params(monkeypatch):
+    """Every CPU benchmark class: setup and every time_/peakmem_ method, on the
+    small shapes (the large ones are the same code)."""
+    from benchmarks import bench_batchnorm
+
+    b = bench_batchnorm.BatchNorm()
+    layouts, dtypes, _ = bench_batchnorm.BatchNorm.params
+    methods = [m for m in dir(b) if m.startswith(("time_", "peakmem_"))]
+    assert {"time_copy", "time_forward_train", "time_forward_infer", "time_backward_train",
+            "peakmem_forward_train"} <= set(methods)
+    for layout in layouts:
+        for dtype in dtypes:
+            b.setup(layout, dtype, "small")
+            for m in methods:
+                getattr(b, m)(layout, dtype, "small")
+    s = bench_batchnorm.SmallCall()
+    s.setup()
+    s.time_forward_train()
+    s.time_forward_train_plain()
+
+
+def test_compile_benchmark_code_is_valid():
+    """The compile-time benchmark hands asv runnable code (not run here: a cold
+    compile takes seconds)."""
+    from benchmarks import bench_compile
+
+    c = bench_compile.Compile()
+    c.dir = "/nonexistent-cache"
+    code = c.timeraw_import_and_first_call("cold")
+    compile(code, "<timeraw>", "exec")
+    assert "NUMBA_CACHE_DIR" in code and "nbnorm.forward" in code
+
+
+def test_asv_config():
+    with open(os.path.join(ROOT, "asv.conf.json")) as f:
+        text = "\n".join(l for l in f if not l.lstrip().startswith("//"))
+    conf = json.loads(text)
+    assert conf["environment_type"] == "virtualenv"
+    assert conf["benchmark_dir"] == "benchmarks"
+    assert conf["branches"] == ["main"]
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert ".asv/" in f.read().split()
+
+
+@pytest.mark.skipif(shutil.which("asv") is None and
+                    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "asv")),
+                    reason="asv is not installed (pip install '.[bench]')")
+def test_asv_quick_dry_run(tmp_path):
+    """``asv run --python=same --quick --dry-run`` discovers the whole suite and runs
+    the small CPU benchmarks once (the large shapes and the compile benchmark
+    are left out to stay fast on a 2-core CI machine)."""
+    asv = os.path.join(os.path.dirname(sys.executable), "asv")
+    asv = asv if os.path.exists(asv) else shutil.which("asv")
+    env = _env(HOME=str(tmp_path), ASV_PYTHONPATH=ROOT, NBNORM_ASV_SIZES="small")
+    subprocess.run([asv, "machine", "--yes"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [asv, "run", "--python=same", "--quick", "--dry-run", "--show-stderr",
+         "--bench", r"bench_batchnorm\.(BatchNorm\.time_forward_train|SmallCall)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "time_forward_train" in out and "SmallCall" in out, out
+    assert "failed" not in out.lower(), out
