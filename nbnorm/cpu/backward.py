@@ -18,6 +18,7 @@ from numba import njit, prange
 
 from .. import config
 from .forward import _normalize_rows, _normalize_run
+from .stats import _UNROLL_MIN_C
 
 _FM = set(config.FASTMATH)
 
@@ -87,15 +88,38 @@ def backward_reduce_planar(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
 
 @njit(cache=True, fastmath=_FM)
 def _rows_dual_sum(dy, x, r0, r1, mean, s, sx):
+    """Per-channel sums over rows ``[r0, r1)``, four rows per update of the
+    accumulators (their loads and stores dominate; see ``stats._rows_sum``)."""
     s[:] = 0.0
     sx[:] = 0.0
-    for r in range(r0, r1):
+    r = r0
+    while r + 4 <= r1 and s.size >= _UNROLL_MIN_C:
+        g0 = dy[r]
+        g1 = dy[r + 1]
+        g2 = dy[r + 2]
+        g3 = dy[r + 3]
+        x0 = x[r]
+        x1 = x[r + 1]
+        x2 = x[r + 2]
+        x3 = x[r + 3]
+        for c in range(s.size):
+            m = mean[c]
+            a0 = np.float64(g0[c])
+            a1 = np.float64(g1[c])
+            a2 = np.float64(g2[c])
+            a3 = np.float64(g3[c])
+            s[c] += (a0 + a1) + (a2 + a3)
+            sx[c] += ((a0 * (np.float64(x0[c]) - m) + a1 * (np.float64(x1[c]) - m))
+                      + (a2 * (np.float64(x2[c]) - m) + a3 * (np.float64(x3[c]) - m)))
+        r += 4
+    while r < r1:
         gr = dy[r]
         xr = x[r]
         for c in range(s.size):
             g = np.float64(gr[c])
             s[c] += g
             sx[c] += g * (np.float64(xr[c]) - mean[c])
+        r += 1
 
 
 @njit(cache=True)

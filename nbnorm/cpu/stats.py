@@ -154,32 +154,73 @@ def channel_stats_planar(x, parts, block, mean_out, m2_out):
         m2_out[c] = m2
 
 
+#: Channels from which the interleaved row loops update their accumulators once
+#: per four rows (a property of the code, measured: see ``_rows_sum``).
+_UNROLL_MIN_C = 256
+
+
 @njit(cache=True, fastmath=_FM)
 def _rows_sum(x, r0, r1, acc):
+    """``acc[c] = sum(x[r0:r1, c])``, four rows per update of ``acc``.
+
+    Measured (C=1024, a block in L2, one core): 0.09 -> 0.054 ns/element
+    against one row per update; the accumulator's loads and stores, not the
+    adds, were the cost.  Below ``_UNROLL_MIN_C`` channels the per-row setup
+    dominates instead (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times
+    unrolled), so narrow rows are summed one at a time.  (Measured and dropped: fusing the reduction and
+    normalization of column groups of NC 8192x1024, as the planar kernels do per
+    channel, ran 3-5x slower: rows 4 KiB apart map a group onto few cache sets.)
+    """
     acc[:] = 0.0
-    for r in range(r0, r1):
-        row = x[r]
+    r = r0
+    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C:
+        a0 = x[r]
+        a1 = x[r + 1]
+        a2 = x[r + 2]
+        a3 = x[r + 3]
         for c in range(acc.size):
-            acc[c] += row[c]
+            acc[c] += ((np.float64(a0[c]) + np.float64(a1[c]))
+                       + (np.float64(a2[c]) + np.float64(a3[c])))
+        r += 4
+    while r < r1:
+        a0 = x[r]
+        for c in range(acc.size):
+            acc[c] += np.float64(a0[c])
+        r += 1
 
 
 @njit(cache=True, fastmath=_FM)
 def _rows_sqdev(x, r0, r1, m, acc):
+    """``acc[c] = sum((x[r0:r1, c] - m[c])**2)``, four rows per update of ``acc``."""
     acc[:] = 0.0
-    for r in range(r0, r1):
-        row = x[r]
+    r = r0
+    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C:
+        a0 = x[r]
+        a1 = x[r + 1]
+        a2 = x[r + 2]
+        a3 = x[r + 3]
         for c in range(acc.size):
-            d = np.float64(row[c]) - m[c]
+            mc = m[c]
+            d0 = np.float64(a0[c]) - mc
+            d1 = np.float64(a1[c]) - mc
+            d2 = np.float64(a2[c]) - mc
+            d3 = np.float64(a3[c]) - mc
+            acc[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    while r < r1:
+        a0 = x[r]
+        for c in range(acc.size):
+            d = np.float64(a0[c]) - m[c]
             acc[c] += d * d
+        r += 1
 
 
 @njit(cache=True)
-def interleaved_part_moments(x, r0, r1, block, mean, m2, bmean, bq):
+def interleaved_part_moments(x, r0, r1, brows, mean, m2, bmean, bq):
     """Per-channel (mean, M2) of rows ``[r0, r1)`` of ``x[outer, C]`` into ``mean``,
-    ``m2``; blocks of ``block // C`` rows Chan-merged in order (``bmean``, ``bq``:
+    ``m2``; blocks of ``brows`` rows Chan-merged in order (``bmean``, ``bq``:
     scratch of length C)."""
     C = x.shape[1]
-    brows = max(1, block // C)
     mean[:] = 0.0
     m2[:] = 0.0
     cnt = 0.0
@@ -191,9 +232,15 @@ def interleaved_part_moments(x, r0, r1, block, mean, m2, bmean, bq):
         for c in range(C):
             bmean[c] /= nb
         _rows_sqdev(x, r, k, bmean, bq)
+        # chan_merge for every channel, with its one division (the same for all
+        # channels) hoisted so that the loop vectorizes; same expressions, same bits.
+        n = cnt + nb
+        f = nb / n
         for c in range(C):
-            _, mean[c], m2[c] = chan_merge(cnt, mean[c], m2[c], nb, bmean[c], bq[c])
-        cnt += nb
+            d = bmean[c] - mean[c]
+            mean[c] = mean[c] + d * f
+            m2[c] = m2[c] + bq[c] + (d * cnt) * (d * f)
+        cnt = n
         r = k
 
 
@@ -220,10 +267,11 @@ def channel_stats_interleaved(x, parts, block, mean_out, m2_out):
     pmean = np.zeros((parts, C))
     pm2 = np.zeros((parts, C))
     scratch = np.empty((parts, 2, C))
+    brows = max(1, block // C)
     for p in prange(parts):
         r0 = min(outer, p * step)
         r1 = min(outer, r0 + step)
-        interleaved_part_moments(x, r0, r1, block, pmean[p], pm2[p],
+        interleaved_part_moments(x, r0, r1, brows, pmean[p], pm2[p],
                                  scratch[p, 0], scratch[p, 1])
     for c in prange(C):
         mean_out[c], m2_out[c] = merge_interleaved_parts(outer, parts, pmean, pm2, c)
@@ -237,9 +285,10 @@ def channel_stats_interleaved_serial(x, parts, block, mean_out, m2_out):
     pmean = np.zeros((parts, C))
     pm2 = np.zeros((parts, C))
     scratch = np.empty((2, C))
+    brows = max(1, block // C)
     for p in range(parts):
         r0 = min(outer, p * step)
         r1 = min(outer, r0 + step)
-        interleaved_part_moments(x, r0, r1, block, pmean[p], pm2[p], scratch[0], scratch[1])
+        interleaved_part_moments(x, r0, r1, brows, pmean[p], pm2[p], scratch[0], scratch[1])
     for c in range(C):
         mean_out[c], m2_out[c] = merge_interleaved_parts(outer, parts, pmean, pm2, c)
