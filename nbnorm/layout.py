@@ -9,6 +9,7 @@ the *planar* one (NCL, NCHW).  Only arrays with gaps or negative strides are
 copied, and only when they are inputs.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -37,8 +38,10 @@ def plan(x, axis):
             order = candidate
     caxis = order.index(axis)
     shape = tuple(x.shape[i] for i in order)
-    outer = int(np.prod(shape[:caxis], dtype=np.int64))
-    inner = int(np.prod(shape[caxis + 1:], dtype=np.int64))
+    # math.prod: ~0.1 us against ~3 us for np.prod on a tuple (per-call overhead
+    # of small batches).
+    outer = math.prod(shape[:caxis])
+    inner = math.prod(shape[caxis + 1:])
     return Layout(order, (outer, shape[caxis], inner))
 
 

@@ -92,6 +92,26 @@ def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out):
 
 
 @njit(cache=True)
+def finish_train(mu, m2, n, eps, momentum, mean_out, invstd_out, running_mean, running_var,
+                 keep):
+    """The O(C) end of a training step, in float64: ``mean_out``, ``invstd_out``
+    and (when ``running_mean.size``) the running statistics, updated only where
+    ``keep`` is True (``keep.size == 0``: everywhere).  One call instead of a
+    dozen NumPy ufuncs: ~10 us less per small call."""
+    for c in range(mu.size):
+        mean_out[c] = mu[c]
+        invstd_out[c] = 1.0 / np.sqrt(m2[c] / n + eps)
+    if running_mean.size:
+        for c in range(mu.size):
+            if keep.size == 0 or keep[c]:
+                new_mean = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mu[c]
+                new_var = ((1.0 - momentum) * np.float64(running_var[c])
+                           + momentum * (m2[c] / (n - 1)))
+                running_mean[c] = new_mean
+                running_var[c] = new_var
+
+
+@njit(cache=True)
 def _all_finite(mean, m2):
     for c in range(mean.size):
         if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):

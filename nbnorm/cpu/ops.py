@@ -30,6 +30,8 @@ from .threads import serialized
 
 #: ``weight``/``bias`` of None: kernels read a length-0 array as scale 1 / shift 0.
 _NONE = np.empty(0)
+#: ``keep`` of ``forward.finish_train``: update every channel's running statistics.
+_ALL = np.empty(0, dtype=np.bool_)
 
 
 def empty(shape, dtype):
@@ -106,10 +108,9 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     # on_nonfinite="skip": channels whose statistics are not finite keep their
     # running statistics (the outputs are written either way).
     keep = guard.running_update_mask(mu, m2, on_nonfinite)
-    mean[...] = mu
-    invstd[...] = 1.0 / np.sqrt(m2 / n + eps)
-    if running_mean is not None:
-        # Computed whole before either is written: never half-updated.
+    if running_mean is not None and not (running_mean.dtype.char in "fd"
+                                         and running_var.dtype.char in "fd"):
+        # Other float dtypes (float16, longdouble) are NumPy's job.
         new_mean = (1.0 - momentum) * running_mean + momentum * mu
         new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
         if keep is not None:
@@ -117,6 +118,11 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
             new_var = np.where(keep, new_var, running_var)
         running_mean[...] = new_mean
         running_var[...] = new_var
+        running_mean = running_var = None
+    fwd.finish_train(mu, m2, n, eps, momentum, mean, invstd,
+                     _NONE if running_mean is None else running_mean,
+                     _NONE if running_var is None else running_var,
+                     _ALL if keep is None else keep)
 
 
 @serialized
