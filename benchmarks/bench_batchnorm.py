@@ -77,7 +77,8 @@ class SmallCall:
         self.b = np.zeros(64, np.float32)
         self.rm = np.zeros(64, np.float32)
         self.rv = np.ones(64, np.float32)
-        nbnorm.forward(self.x, self.w, self.b, self.rm, self.rv)
+        nbnorm.forward(self.x, self.w, self.b, self.rm, self.rv)  # JIT / cache load
+        nbnorm.forward(self.x)
 
     def time_forward_train(self):
         nbnorm.forward(self.x, self.w, self.b, self.rm, self.rv)
