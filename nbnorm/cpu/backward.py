@@ -123,14 +123,14 @@ def _rows_dual_sum(dy, x, r0, r1, mean, s, sx):
 
 
 @njit(cache=True)
-def _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c):
-    s = 0.0
-    sx = 0.0
+def _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out):
+    """Per-channel sums of the part rows, in part order (vectorized over channels)."""
+    sum_dy_out[:] = 0.0
+    sum_dy_xmu_out[:] = 0.0
     for p in range(ps.shape[0]):
-        s += ps[p, c]
-        sx += psx[p, c]
-    sum_dy_out[c] = s
-    sum_dy_xmu_out[c] = sx
+        for c in range(sum_dy_out.size):
+            sum_dy_out[c] += ps[p, c]
+            sum_dy_xmu_out[c] += psx[p, c]
 
 
 @njit(parallel=True, cache=True)
@@ -143,8 +143,7 @@ def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
         r0 = min(outer, p * step)
         r1 = min(outer, r0 + step)
         _rows_dual_sum(dy, x, r0, r1, mean, ps[p], psx[p])
-    for c in prange(C):
-        _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c)
+    _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out)
 
 
 @njit(cache=True, inline="always")
@@ -240,8 +239,8 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, parts, training, dx
     a = np.empty(C)
     b = np.empty(C)
     k = np.empty(C)
+    _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out)
     for c in range(C):
-        _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out, c)
         a[c], b[c], k[c] = grad_coeffs(c, outer, sum_dy_out[c], sum_dy_xmu_out[c],
                                        invstd[c], weight)
     if training:
