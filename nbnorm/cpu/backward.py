@@ -134,16 +134,16 @@ def _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out):
 
 
 @njit(parallel=True, cache=True)
-def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
+def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out, work):
+    """``work``: float64 scratch of shape ``(parts, 2, C)`` kept by the caller
+    (see ``stats.channel_stats_interleaved``)."""
     outer, C = x.shape
     step = -(-outer // parts)
-    ps = np.empty((parts, C))
-    psx = np.empty((parts, C))
     for p in prange(parts):
         r0 = min(outer, p * step)
         r1 = min(outer, r0 + step)
-        _rows_dual_sum(dy, x, r0, r1, mean, ps[p], psx[p])
-    _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out)
+        _rows_dual_sum(dy, x, r0, r1, mean, work[p, 0], work[p, 1])
+    _sum_interleaved_parts(work[:, 0], work[:, 1], sum_dy_out, sum_dy_xmu_out)
 
 
 @njit(cache=True, inline="always")

@@ -20,6 +20,8 @@ Every path computes the same parts with the same functions and merges them in
 the same order, so they agree bit for bit.
 """
 
+import threading
+
 import numpy as np
 
 from .. import config, guard
@@ -32,6 +34,21 @@ from .threads import serialized
 _NONE = np.empty(0)
 #: ``keep`` of ``forward.finish_train``: update every channel's running statistics.
 _ALL = np.empty(0, dtype=np.bool_)
+
+
+_local = threading.local()
+
+
+def _work(*shape):
+    """float64 scratch of ``shape`` for the interleaved reductions, kept between
+    calls (one buffer per Python thread, grown as needed): O(C x parts)."""
+    n = 1
+    for d in shape:
+        n *= d
+    buf = getattr(_local, "work", None)
+    if buf is None or buf.size < n:
+        buf = _local.work = np.empty(n)
+    return buf[:n].reshape(shape)
 
 
 def empty(shape, dtype):
@@ -67,7 +84,9 @@ def batch_moments(x):
     if x.ndim == 3:
         stats.channel_stats_planar(x, _parts(x), config.BLOCK, mean, m2)
     else:
-        stats.channel_stats_interleaved(x, _parts(x), config.BLOCK, mean, m2)
+        parts = _parts(x)
+        stats.channel_stats_interleaved(x, parts, config.BLOCK, mean, m2,
+                                        _work(parts, 4, x.shape[1]))
     return mean, m2
 
 
@@ -156,7 +175,8 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
         if planar:
             bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
         else:
-            bwd.backward_reduce_interleaved(dy, x, mu, _parts(x), s, sx)
+            parts = _parts(x)
+            bwd.backward_reduce_interleaved(dy, x, mu, parts, s, sx, _work(parts, 2, C))
         k = inv * w if w.size else inv
         if training:
             kernel = bwd.grad_input_planar if planar else bwd.grad_input_interleaved
