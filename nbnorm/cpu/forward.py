@@ -56,6 +56,9 @@ def normalize_planar(x, center, scale, shift, out):
 
 @njit(parallel=True, cache=True)
 def normalize_interleaved(x, center, scale, shift, out):
+    # Measured and dropped: walking the row ranges backwards, to find the rows the
+    # statistics pass read last still in L3, was slower (NHWC float32 forward
+    # training 1.63 -> 2.00 copy-times, NC 2.6 -> 2.9; same run, interleaved).
     outer, C = x.shape
     tasks = min(outer, 256)
     step = -(-outer // tasks)
