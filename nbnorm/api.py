@@ -38,6 +38,56 @@ def _stat_dtype(dtype):
     return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
+# Device follows the data: arrays on a CUDA device (``__cuda_array_interface__``:
+# Numba device arrays, CuPy, PyTorch CUDA tensors; or device arrays of Numba's
+# CUDA simulator, which lack the interface) run ``nbnorm.cuda.ops``, NumPy
+# arrays ``nbnorm.cpu.ops``.  The validation below is the same for both; where
+# a check needs memory (addresses, read-only flags) it asks ``cuda.ops``.
+
+def _on_device(a):
+    return bool(getattr(type(a), "__cuda_ndarray__", False)
+                or hasattr(a, "__cuda_array_interface__"))
+
+
+class _Backend(NamedTuple):
+    device: bool
+    ops: object    # nbnorm.cpu.ops or nbnorm.cuda.ops: the kernels
+    views: object  # nbnorm.layout, or nbnorm.cuda.ops (views without copies)
+    kw: dict       # extra arguments for ops: the device's stream
+
+
+def _backend(arrays, stream):
+    """The backend of one call's arrays; mixing host and device is a ``TypeError``.
+
+    ``stream`` is for device arrays only: with host arrays it is refused, since
+    a stream passed with host data most likely means data left on the host.
+    """
+    given = [(k, v) for k, v in arrays.items() if v is not None]
+    on_dev = [k for k, v in given if _on_device(v)]
+    if not on_dev:
+        if stream is not None:
+            raise TypeError("stream= is for arrays on a CUDA device, but the arrays "
+                            "are host (NumPy) arrays")
+        from .cpu import ops
+        return _Backend(False, ops, layout, {})
+    on_host = [k for k, v in given if k not in on_dev]
+    if on_host:
+        raise TypeError(
+            f"{', '.join(on_dev)} on a CUDA device but {', '.join(on_host)} on the host: "
+            "nbnorm never copies between host and device, pass all arrays on one side")
+    try:
+        from .cuda import ops
+    except ImportError as e:
+        raise RuntimeError(f"arrays on a CUDA device: {e}") from e
+    ops.check_available()
+    return _Backend(True, ops, ops, {"stream": stream})
+
+
+def _dev_ops():
+    from .cuda import ops  # imported (and checked) by _backend already
+    return ops
+
+
 def _check_data_dtype(a, name):
     dt = a.dtype
     if dt.kind != "f":
@@ -54,7 +104,11 @@ def _input(a, name):
 
     Inputs are converted (a copy for big-endian or unaligned data, so that the
     kernels see one kind of array); outputs are refused instead (``_writable``).
+    Device arrays become Numba
+    device arrays viewing the same memory (``cuda.ops.asarray``), never copies.
     """
+    if _on_device(a):
+        return _dev_ops().asarray(a)
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array, whose mask nbnorm would ignore; "
                         f"pass {name}.filled(...) or a plain ndarray")
@@ -79,11 +133,15 @@ def _channel_input(a, name, C):
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
                          f"got {a.shape}")
+    if _on_device(a):
+        return a  # any strides: the per-channel kernels index them as they are
     return np.ascontiguousarray(a)  # O(C); one kernel signature for every caller
 
 
 def _writable(a, name, shape, dtype):
     """A caller-owned output or running statistic, checked for an in-place write."""
+    if _on_device(a):
+        return _writable_device(a, name, shape, dtype)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray to be written in place, "
                         f"got {type(a).__name__}")
@@ -101,6 +159,24 @@ def _writable(a, name, shape, dtype):
     if not a.flags.aligned:
         raise ValueError(f"{name} is not aligned to its dtype; pass an aligned array")
     if _overlaps_itself(a):
+        raise ValueError(f"{name} has overlapping elements (zero or overlapping strides)")
+    return a
+
+
+def _writable_device(a, name, shape, dtype):
+    """``_writable`` for a device array; returns the caller's object."""
+    ops = _dev_ops()
+    d = ops.asarray(a)
+    if tuple(d.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(d.shape)}")
+    if dtype is None:
+        if d.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {d.dtype}")
+    elif d.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {d.dtype}")
+    if ops.readonly(a):
+        raise ValueError(f"{name} is read-only")
+    if ops.overlaps_itself(d):
         raise ValueError(f"{name} has overlapping elements (zero or overlapping strides)")
     return a
 
@@ -127,8 +203,8 @@ def _output(a, name, shape, dtype):
     return None if a is None else _writable(a, name, shape, dtype)
 
 
-def _or_empty(a, shape, dtype):
-    return np.empty(shape, dtype=dtype) if a is None else a
+def _or_empty(a, shape, dtype, empty=np.empty):
+    return empty(shape, dtype) if a is None else a
 
 
 def _axis(axis, ndim):
@@ -174,7 +250,11 @@ _TooHard = getattr(np, "exceptions", np).TooHardError
 
 def _overlap(a, b):
     """Whether ``a`` and ``b`` share memory: exact for the common cases
-    (interleaved views of one buffer do not overlap), "yes" when in doubt."""
+    (interleaved views of one buffer do not overlap), "yes" when in doubt.
+    Device arrays: whether their address ranges intersect."""
+    if _on_device(a):
+        ops = _dev_ops()
+        return ops.overlap(ops.asarray(a), ops.asarray(b))
     if not np.may_share_memory(a, b):
         return False
     try:
@@ -184,6 +264,9 @@ def _overlap(a, b):
 
 
 def _same(a, b):
+    if _on_device(a):
+        ops = _dev_ops()
+        return ops.same(ops.asarray(a), ops.asarray(b))
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
 
@@ -230,7 +313,7 @@ def _data(x):
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training=True, momentum=0.1, eps=1e-5, axis=1,
-            out=None, mean=None, invstd=None, on_nonfinite="propagate"):
+            out=None, mean=None, invstd=None, on_nonfinite="propagate", stream=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
     Parameters
@@ -263,7 +346,14 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         they are the channels where the returned ``mean`` or ``invstd`` is not
         finite (or ``invstd`` is 0: float64 data beyond ~1e154, whose variance
         overflows).  ``"raise"``: ``FloatingPointError`` before anything is
-        written.  The check is O(C).  Inference ignores it.
+        written.  The check is O(C).  Inference ignores it.  On the GPU,
+        ``"raise"`` is the one setting that waits for the device (it copies
+        the O(C) batch moments to the host to decide).
+    stream : CUDA stream, optional
+        Device arrays only: the stream every kernel is launched on (a Numba
+        stream, a CuPy or PyTorch stream, or a raw ``cudaStream_t``); ``None``
+        is the default stream.  The call returns without waiting for the device.
+        With host arrays it is a ``TypeError``.
 
     Returns
     -------
@@ -284,6 +374,9 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
+    be = _backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
+                   "running_var": running_var, "out": out, "mean": mean,
+                   "invstd": invstd}, stream)
     x = _data(x)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
@@ -314,26 +407,27 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         {"out": out, "mean": mean, "invstd": invstd, **(running if training else {})},
         {"x": x, "weight": weight, "bias": bias, **({} if training else running)},
         {"out": "x"})
-    out = _or_empty(out, x.shape, x.dtype)
-    mean = _or_empty(mean, (C,), sdt)
-    invstd = _or_empty(invstd, (C,), sdt)
+    if out is None:  # on the device: in x's memory order, so it has x's view
+        out = be.ops.empty_like(x) if be.device else np.empty(x.shape, x.dtype)
+    mean = _or_empty(mean, (C,), sdt, be.ops.empty)
+    invstd = _or_empty(invstd, (C,), sdt, be.ops.empty)
 
-    from .cpu import ops
-    lay = layout.plan(x, ax)
-    x3 = layout.input_view(x, lay)
-    out3, finish = layout.output_view(out, lay)
+    ops = be.ops
+    lay = be.views.plan(x, ax)
+    x3 = be.views.input_view(x, lay)
+    out3, finish = be.views.output_view(out, lay)
     if training:
         ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
-                          out3, mean, invstd, on_nonfinite=on_nonfinite)
+                          out3, mean, invstd, on_nonfinite=on_nonfinite, **be.kw)
     else:
         ops.forward_infer(x3, weight, bias, eps, running_mean, running_var,
-                          out3, mean, invstd)
+                          out3, mean, invstd, **be.kw)
     finish()
     return ForwardResult(out, mean, invstd)
 
 
 def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
-             grad_input=None, grad_weight=None, grad_bias=None):
+             grad_input=None, grad_weight=None, grad_bias=None, stream=None):
     """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``.
 
     Parameters
@@ -354,6 +448,8 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     grad_input, grad_weight, grad_bias : ndarray, optional
         Preallocated outputs (``grad_input`` like ``x``, the others ``(C,)``).
         ``grad_input=grad_out`` computes in place.
+    stream : CUDA stream, optional
+        Device arrays only, as for ``forward``.
 
     Returns
     -------
@@ -367,6 +463,9 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     TypeError, ValueError
         As for ``forward``; nothing has been written when it raises.
     """
+    be = _backend({"grad_out": grad_out, "x": x, "mean": mean, "invstd": invstd,
+                   "weight": weight, "grad_input": grad_input,
+                   "grad_weight": grad_weight, "grad_bias": grad_bias}, stream)
     x = _data(x)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
@@ -390,15 +489,17 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         {"grad_input": grad_input, "grad_weight": grad_weight, "grad_bias": grad_bias},
         {"grad_out": grad_out, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
         {"grad_input": "grad_out"})
-    grad_input = _or_empty(grad_input, x.shape, x.dtype)
-    grad_weight = _or_empty(grad_weight, (C,), sdt)
-    grad_bias = _or_empty(grad_bias, (C,), sdt)
+    if grad_input is None:
+        grad_input = (be.ops.empty_like(x) if be.device
+                      else np.empty(x.shape, x.dtype))
+    grad_weight = _or_empty(grad_weight, (C,), sdt, be.ops.empty)
+    grad_bias = _or_empty(grad_bias, (C,), sdt, be.ops.empty)
 
-    from .cpu import ops
-    lay = layout.plan(x, ax)
-    x3 = layout.input_view(x, lay)
-    dy3 = layout.input_view(grad_out, lay)
-    dx3, finish = layout.output_view(grad_input, lay)
-    ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias)
+    lay = be.views.plan(x, ax)
+    x3 = be.views.input_view(x, lay)
+    dy3 = be.views.input_view(grad_out, lay)
+    dx3, finish = be.views.output_view(grad_input, lay)
+    be.ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias,
+                    **be.kw)
     finish()
     return BackwardResult(grad_input, grad_weight, grad_bias)

@@ -37,3 +37,24 @@ FUSE_MAX_BYTES = 4 << 20
 #: Python threads under omp/tbb: one call at a time instead of oversubscribed
 #: cores).  False: never.  Results are the same either way.
 SERIALIZE_CPU_CALLS = None
+
+# --------------------------------------------------------------------- CUDA
+# nbnorm.cuda reads these at every launch; tests patch CUDA_THREADS down to 32
+# (the simulator runs each thread in Python) and CUDA_MIN_BLOCK_ELEMENTS down
+# to force several blocks per channel on tiny arrays.
+
+#: Threads per block of every CUDA kernel: a power of two in [32, 1024].
+CUDA_THREADS = 256
+#: Values each thread reduces as one register block (sum, then squared
+#: deviations from the block mean) before a Chan merge: one division per block.
+CUDA_UNROLL = 8
+#: A reduction splits channels across blocks until it has about this many
+#: blocks (~8 per SM of a 132-SM H100), so that the GPU fills even when C is small...
+CUDA_TARGET_BLOCKS = 1024
+#: ...but never gives a block fewer than this many elements.
+CUDA_MIN_BLOCK_ELEMENTS = 8192
+#: Most blocks of an elementwise (grid-stride) kernel.
+CUDA_ELEMENTWISE_BLOCKS = 4096
+#: Block reductions by warp shuffles (True) or shared memory only (False);
+#: None: shuffles, except on the simulator (NUMBA_ENABLE_CUDASIM=1), which has none.
+CUDA_WARP_SHUFFLE = None

@@ -9,8 +9,16 @@ explore other data without editing a test.
 import os
 import zlib
 
-import numpy as np
-import pytest
+# --- CUDA tests (tests/test_cuda*.py, owned by the CUDA kernels' developer) ---
+# Without a GPU, run the CUDA kernels on Numba's simulator.  The variable must be
+# set before anything imports numba, hence here; it changes numba.cuda only, not
+# the CPU kernels.  An explicit NUMBA_ENABLE_CUDASIM (0 or 1) is respected.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+# --- end of the CUDA block ---
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _seed(nodeid):
