@@ -16,6 +16,11 @@ TARGET_TASKS = 64
 #: ...but never make a part smaller than this many elements.
 MIN_PART = 32768
 
+#: Interleaved kernels (NC, NHWC) view groups of rows of fewer channels as one
+#: row of at least this many elements (``cpu.stats.wide_rows``): short rows
+#: spend their time in per-row loop setup, not in the data.
+WIDE_ROW = 256
+
 #: LLVM fast-math flags for reductions: reassociation lets the float64 sums
 #: vectorize.  Never ``nnan``/``ninf``: NaN and inf must propagate.
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})

@@ -250,3 +250,23 @@ def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_
             for name, a, e in zip(g._fields, results[path, training],
                                   results["serial", training]):
                 assert_same(a, e, f"{name} (training={training}): {path} != serial")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("C", [3, 64, 100])
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_wide_rows(rng, monkeypatch, path, C, training, dtype):
+    """Interleaved kernels view groups of short rows as one wide row: batches
+    with no wide row, wide rows only, and leftover narrow rows all match the
+    reference, also in place (``grad_input=grad_out``)."""
+    from nbnorm.cpu import stats
+
+    use_path(monkeypatch, path)
+    k = stats.wide_rows(C)
+    for outer in (k - 1, k, k + 1, 3 * k + 2):
+        dy, x, w, _, _, _, mean, invstd = _case(rng, (outer, C), 1, dtype, True, training)
+        exp = reference.backward(dy, x, mean, invstd, w, training=training)
+        _check(nbnorm.backward(dy, x, mean, invstd, w, training=training), exp, dtype)
+        res = nbnorm.backward(dy, x, mean, invstd, w, training=training, grad_input=dy)
+        _check(res, exp, dtype)

@@ -469,3 +469,37 @@ def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_
     for path in ["fused", "parallel"]:
         for name, a, e in zip(names, results[path], results["serial"]):
             assert_same(a, e, f"{name}: {path} differs from serial")
+
+
+def _wide_row_shapes():
+    """NC shapes around multiples of ``wide_rows(C)``: no wide row at all, wide
+    rows only, and wide rows plus narrow rows left over."""
+    from nbnorm.cpu import stats
+
+    shapes = []
+    for C in (3, 64, 100):
+        k = stats.wide_rows(C)
+        assert k > 1
+        shapes += [(outer, C) for outer in (k - 1, k, k + 1, 3 * k + 2)]
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", _wide_row_shapes(), ids=str)
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_wide_rows(rng, monkeypatch, path, shape, dtype):
+    """Interleaved kernels view groups of short rows as one wide row: every
+    split into wide rows and leftover narrow rows matches the reference, also
+    in place (``out=x``) and in inference."""
+    use_path(monkeypatch, path)
+    x, w, b, rm, rv = _args(rng, shape, 1, dtype, True, "train+running")
+    rm0, rv0 = rm.copy(), rv.copy()
+    res = nbnorm.forward(x, w, b, rm, rv)
+    _check_against_reference(res, x, w, b, rm0, rv0, rm, rv, training=True,
+                             momentum=0.1, eps=1e-5, axis=1)
+    inf = nbnorm.forward(x, w, b, rm, rv, training=False)
+    exp = reference.forward(x, w, b, rm, rv, training=False)
+    assert_close(inf.out, exp.out, REF_TOL[x.dtype], "inference out")
+    xi = x.copy()
+    nbnorm.forward(xi, w, b, out=xi)
+    assert_close(xi, reference.forward(x, w, b).out, REF_TOL[x.dtype], "in place")

@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
-from .forward import _normalize_rows, _normalize_run
-from .stats import _UNROLL_MIN_C
+from .forward import _normalize_run, normalize_serial_interleaved
+from .stats import _UNROLL_MIN_C, tile, widen
 
 _FM = set(config.FASTMATH)
 
@@ -123,27 +123,47 @@ def _rows_dual_sum(dy, x, r0, r1, mean, s, sx):
 
 
 @njit(cache=True)
-def _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out):
-    """Per-channel sums of the part rows, in part order (vectorized over channels)."""
+def _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out):
+    """Per-channel sums from the parts' wide-row sums (``work[p, 0]``,
+    ``work[p, 1]``: added in part order, then the column groups in group order),
+    plus the ``outer % wide`` narrow rows left over."""
+    outer, C = x.shape
+    ow = outer // wide
+    ws = work[0, 0]
+    wsx = work[0, 1]
+    for p in range(1, work.shape[0]):
+        for i in range(ws.size):
+            ws[i] += work[p, 0, i]
+            wsx[i] += work[p, 1, i]
     sum_dy_out[:] = 0.0
     sum_dy_xmu_out[:] = 0.0
-    for p in range(ps.shape[0]):
-        for c in range(sum_dy_out.size):
-            sum_dy_out[c] += ps[p, c]
-            sum_dy_xmu_out[c] += psx[p, c]
+    for j in range(wide):
+        for c in range(C):
+            sum_dy_out[c] += ws[j * C + c]
+            sum_dy_xmu_out[c] += wsx[j * C + c]
+    if outer > ow * wide:
+        r = np.empty((2, C))
+        _rows_dual_sum(dy, x, ow * wide, outer, mean, r[0], r[1])
+        for c in range(C):
+            sum_dy_out[c] += r[0, c]
+            sum_dy_xmu_out[c] += r[1, c]
 
 
 @njit(parallel=True, cache=True)
-def backward_reduce_interleaved(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out, work):
-    """``work``: float64 scratch of shape ``(parts, 2, C)`` kept by the caller
-    (see ``stats.channel_stats_interleaved``)."""
-    outer, C = x.shape
-    step = -(-outer // parts)
+def backward_reduce_interleaved(dy, x, mean, wide, parts, sum_dy_out, sum_dy_xmu_out, work):
+    """``x`` viewed as wide rows of ``wide`` rows each (``stats.wide_rows``).  ``work``: float64
+    scratch of shape ``(parts, 2, wide*C)`` kept by the caller (see
+    ``stats.channel_stats_interleaved``)."""
+    dyw = widen(dy, wide)
+    xw = widen(x, wide)
+    mw = tile(mean, wide)
+    ow = xw.shape[0]
+    step = -(-ow // parts)
     for p in prange(parts):
-        r0 = min(outer, p * step)
-        r1 = min(outer, r0 + step)
-        _rows_dual_sum(dy, x, r0, r1, mean, work[p, 0], work[p, 1])
-    _sum_interleaved_parts(work[:, 0], work[:, 1], sum_dy_out, sum_dy_xmu_out)
+        r0 = min(ow, p * step)
+        r1 = min(ow, r0 + step)
+        _rows_dual_sum(dyw, xw, r0, r1, mw, work[p, 0], work[p, 1])
+    _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out)
 
 
 @njit(cache=True, inline="always")
@@ -180,14 +200,23 @@ def grad_input_planar(dy, x, mean, a, b, k, dx):
 
 
 @njit(parallel=True, cache=True)
-def grad_input_interleaved(dy, x, mean, a, b, k, dx):
-    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``."""
-    outer, C = x.shape
-    tasks = min(outer, 256)
-    step = -(-outer // tasks)
+def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx):
+    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``, over wide rows of
+    ``wide`` rows each (``stats.wide_rows``); ``dx`` may be ``dy``."""
+    dyw = widen(dy, wide)
+    xw = widen(x, wide)
+    dxw = widen(dx, wide)
+    mw = tile(mean, wide)
+    aw = tile(a, wide)
+    bw = tile(b, wide)
+    kw = tile(k, wide)
+    ow = xw.shape[0]
+    tasks = max(1, min(ow, 256))
+    step = -(-ow // tasks)
     for t in prange(tasks):
-        r0 = min(outer, t * step)
-        _grad_rows(dy, x, r0, min(outer, r0 + step), mean, a, b, k, dx)
+        r0 = min(ow, t * step)
+        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, dxw)
+    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, dx)
 
 
 @njit(parallel=True, cache=True)
@@ -226,25 +255,30 @@ def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx,
 
 
 @njit(cache=True)
-def backward_serial_interleaved(dy, x, mean, invstd, weight, parts, training, dx,
+def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, training, dx,
                                 sum_dy_out, sum_dy_xmu_out):
     """Backward of ``x[outer, C]`` on the calling thread."""
     outer, C = x.shape
-    step = -(-outer // parts)
-    ps = np.empty((parts, C))
-    psx = np.empty((parts, C))
+    dyw = widen(dy, wide)
+    xw = widen(x, wide)
+    mw = tile(mean, wide)
+    ow = xw.shape[0]
+    step = -(-ow // parts)
+    work = np.empty((parts, 2, xw.shape[1]))
     for p in range(parts):
-        r0 = min(outer, p * step)
-        _rows_dual_sum(dy, x, r0, min(outer, r0 + step), mean, ps[p], psx[p])
+        r0 = min(ow, p * step)
+        _rows_dual_sum(dyw, xw, r0, min(ow, r0 + step), mw, work[p, 0], work[p, 1])
+    _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out)
     a = np.empty(C)
     b = np.empty(C)
     k = np.empty(C)
-    _sum_interleaved_parts(ps, psx, sum_dy_out, sum_dy_xmu_out)
     for c in range(C):
         a[c], b[c], k[c] = grad_coeffs(c, outer, sum_dy_out[c], sum_dy_xmu_out[c],
                                        invstd[c], weight)
     if training:
-        _grad_rows(dy, x, 0, outer, mean, a, b, k, dx)
+        _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
+                   widen(dx, wide))
+        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, dx)
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
-        _normalize_rows(dy, 0, outer, a, k, a, dx)
+        normalize_serial_interleaved(dy, wide, a, k, a, dx)

@@ -85,17 +85,20 @@ def batch_moments(x):
         stats.channel_stats_planar(x, _parts(x), config.BLOCK, mean, m2)
     else:
         parts = _parts(x)
-        stats.channel_stats_interleaved(x, parts, config.BLOCK, mean, m2,
-                                        _work(parts, 4, x.shape[1]))
+        wide = stats.wide_rows(C)
+        stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, mean, m2,
+                                        _work(parts, 4, wide * C))
     return mean, m2
 
 
 def normalize(x, center, scale, shift, out):
-    if x.size <= config.SERIAL_MAX:
-        kernel = fwd.normalize_serial_planar if x.ndim == 3 else fwd.normalize_serial_interleaved
+    serial = x.size <= config.SERIAL_MAX
+    if x.ndim == 3:
+        kernel = fwd.normalize_serial_planar if serial else fwd.normalize_planar
+        kernel(x, center, scale, shift, out)
     else:
-        kernel = fwd.normalize_planar if x.ndim == 3 else fwd.normalize_interleaved
-    kernel(x, center, scale, shift, out)
+        kernel = fwd.normalize_serial_interleaved if serial else fwd.normalize_interleaved
+        kernel(x, stats.wide_rows(x.shape[1]), center, scale, shift, out)
 
 
 def _scale_shift(inv, w, b, C):
@@ -114,8 +117,13 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     m2 = np.empty(C)
     check = on_nonfinite == "raise"
     if x.size <= config.SERIAL_MAX:
-        kernel = fwd.train_serial_planar if x.ndim == 3 else fwd.train_serial_interleaved
-        if not kernel(x, _parts(x), config.BLOCK, eps, w, b, check, out, mu, m2):
+        if x.ndim == 3:
+            ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, w, b, check, out,
+                                         mu, m2)
+        else:
+            ok = fwd.train_serial_interleaved(x, stats.wide_rows(C), _parts(x), config.BLOCK,
+                                              eps, w, b, check, out, mu, m2)
+        if not ok:
             guard.running_update_mask(mu, m2, on_nonfinite)  # raises; nothing written
     elif x.ndim == 3 and not check and _fused(x, x.itemsize):
         fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
@@ -167,8 +175,12 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     sx = np.empty(C)
     planar = x.ndim == 3
     if x.size <= config.SERIAL_MAX:
-        kernel = bwd.backward_serial_planar if planar else bwd.backward_serial_interleaved
-        kernel(dy, x, mu, inv, w, _parts(x), bool(training), grad_input, s, sx)
+        if planar:
+            bwd.backward_serial_planar(dy, x, mu, inv, w, _parts(x), bool(training),
+                                       grad_input, s, sx)
+        else:
+            bwd.backward_serial_interleaved(dy, x, mu, inv, w, stats.wide_rows(C), _parts(x),
+                                            bool(training), grad_input, s, sx)
     elif training and planar and _fused(x, x.itemsize * 2):
         bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx)
     else:
@@ -176,11 +188,15 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
             bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
         else:
             parts = _parts(x)
-            bwd.backward_reduce_interleaved(dy, x, mu, parts, s, sx, _work(parts, 2, C))
+            wide = stats.wide_rows(C)
+            bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
+                                            _work(parts, 2, wide * C))
         k = inv * w if w.size else inv
-        if training:
-            kernel = bwd.grad_input_planar if planar else bwd.grad_input_interleaved
-            kernel(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+        if training and planar:
+            bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+        elif training:
+            bwd.grad_input_interleaved(dy, x, stats.wide_rows(C), mu, s / n,
+                                       sx * inv * inv / n, k, grad_input)
         else:
             zeros = np.zeros(C)
             normalize(dy, zeros, k, zeros, grad_input)

@@ -11,7 +11,9 @@ part is computed by its own task or by the task that owns its whole channel
 (``channel_moments_planar``, used by the fused kernels of ``forward`` and for
 small serial calls), changes nothing: every path runs the same functions on the
 same ranges in the same order, so the result is bitwise the same for every
-thread count, and it never uses ``E[x^2] - E[x]^2``.
+thread count, and it never uses ``E[x^2] - E[x]^2``.  Interleaved reductions
+(NC, NHWC) split ranges of *wide* rows (``wide_rows``), then merge each channel's
+column groups in order: still a function of the shape only.
 
 Measured (2-core AMD EPYC, numba 0.68; ``(64, 64, 56*56)`` float32): the
 fastmath ``reassoc`` flag on the run sums is what makes them vectorize; without
@@ -35,10 +37,48 @@ def planar_parts(outer, C, inner):
     return max(1, min(wanted, most))
 
 
+def wide_rows(C):
+    """How many rows of ``C`` channels an interleaved kernel views as one wide row.
+
+    The row loops of the interleaved kernels pay a fixed setup per row (the
+    vectorized loop's preamble, the accumulators' loads and stores), which
+    dominates short rows: NHWC with C=64 is 256 bytes a row.  So the first
+    ``outer // k * k`` rows are viewed, without a copy, as ``(outer // k, k*C)``
+    with ``k*C >= config.WIDE_ROW``; per-channel arrays are tiled ``k`` times and
+    the ``k`` column groups are merged per channel at the end, in group order.
+    The ``outer % k`` rows left over run narrow.  Measured (statistics pass
+    alone, x copy time, 2 threads): NHWC 64x56x56x64 float64 0.97 -> 0.51,
+    float32 0.87 -> 0.55; wider rows than ~512 only shorten the cache blocks
+    (NC 8192x1024 viewed 4096 wide: 0.65 -> 0.95).
+    """
+    return max(1, -(-config.WIDE_ROW // C))
+
+
 def interleaved_parts(outer, C):
-    """Row ranges for an interleaved reduction: a function of the shape only."""
+    """Ranges of wide rows (``wide_rows``) for an interleaved reduction: a
+    function of the shape only."""
+    k = wide_rows(C)
+    outer, C = outer // k, k * C
     most = max(1, (outer * C) // config.MIN_PART)
     return max(1, min(config.TARGET_TASKS, most, outer))
+
+
+@njit(cache=True)
+def widen(x, wide):
+    """Rows ``[0, outer // wide * wide)`` of ``x[outer, C]`` as ``(outer // wide, wide*C)``
+    (a view: ``x`` is C-contiguous)."""
+    outer, C = x.shape
+    return x[:outer // wide * wide].reshape((outer // wide, wide * C))
+
+
+@njit(cache=True)
+def tile(a, wide):
+    """``a`` repeated ``wide`` times (per-channel values for a wide row), float64."""
+    t = np.empty(wide * a.size)
+    for j in range(wide):
+        for c in range(a.size):
+            t[j * a.size + c] = a[c]
+    return t
 
 
 @njit(cache=True, inline="always")
@@ -165,10 +205,10 @@ def _rows_sum(x, r0, r1, acc):
 
     Measured (C=1024, a block in L2, one core): 0.09 -> 0.054 ns/element
     against one row per update; the accumulator's loads and stores, not the
-    adds, were the cost.  Below ``_UNROLL_MIN_C`` channels the per-row setup
-    dominates instead (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times
-    unrolled), so narrow rows are summed one at a time.  (Measured and dropped: fusing the reduction and
-    normalization of column groups of NC 8192x1024, as the planar kernels do per
+    adds, were the cost.  Rows shorter than ``_UNROLL_MIN_C`` are summed one at a
+    time (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times unrolled);
+    since ``wide_rows`` only the leftover rows of a batch are that short.
+    (Measured and dropped: fusing the reduction and normalization of column groups of NC 8192x1024, as the planar kernels do per
     channel, ran 3-5x slower: rows 4 KiB apart map a group onto few cache sets.)
     """
     acc[:] = 0.0
@@ -268,37 +308,85 @@ def merge_interleaved_parts(outer, parts, pmean, pm2, mean_out, m2_out):
             cnt = n
 
 
-@njit(parallel=True, cache=True)
-def channel_stats_interleaved(x, parts, block, mean_out, m2_out, work):
-    """Mean and M2 of each channel (column) of ``x[outer, C]``.
+@njit(cache=True)
+def _fold_wide(wide, cnt, wmean, wm2, mean_out, m2_out):
+    """Per-channel (mean, M2) from the ``wide`` column groups of wide-row statistics,
+    each of ``cnt`` values, Chan-merged in group order (division hoisted, as in
+    ``merge_interleaved_parts``)."""
+    C = mean_out.size
+    mean_out[:] = 0.0
+    m2_out[:] = 0.0
+    n = 0.0
+    for j in range(wide):
+        nn = n + cnt
+        f = cnt / nn
+        for c in range(C):
+            d = wmean[j * C + c] - mean_out[c]
+            mean_out[c] = mean_out[c] + d * f
+            m2_out[c] = m2_out[c] + wm2[j * C + c] + (d * n) * (d * f)
+        n = nn
 
-    ``work``: float64 scratch of shape ``(parts, 4, C)`` that the caller keeps
+
+@njit(cache=True)
+def _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out):
+    """The end of an interleaved reduction: merge the parts of the wide rows
+    (``work[p, 0]``, ``work[p, 1]``), fold their column groups into channels,
+    then merge the ``outer % wide`` narrow rows left over."""
+    outer, C = x.shape
+    ow = outer // wide
+    if ow:
+        wmean = work[0, 2]  # the parts' block scratch, free by now
+        wm2 = work[0, 3]
+        merge_interleaved_parts(ow, parts, work[:, 0], work[:, 1], wmean, wm2)
+        _fold_wide(wide, float(ow), wmean, wm2, mean_out, m2_out)
+    else:
+        mean_out[:] = 0.0
+        m2_out[:] = 0.0
+    rest = outer - ow * wide
+    if rest:
+        r = np.empty((4, C))
+        interleaved_part_moments(x, ow * wide, outer, max(1, block // C), r[0], r[1], r[2], r[3])
+        n = float(ow * wide)
+        f = rest / (n + rest)
+        for c in range(C):
+            d = r[0, c] - mean_out[c]
+            mean_out[c] = mean_out[c] + d * f
+            m2_out[c] = m2_out[c] + r[1, c] + (d * n) * (d * f)
+
+
+@njit(parallel=True, cache=True)
+def channel_stats_interleaved(x, wide, parts, block, mean_out, m2_out, work):
+    """Mean and M2 of each channel (column) of ``x[outer, C]``, over wide rows of
+    ``wide`` rows (``wide_rows``).
+
+    ``work``: float64 scratch of shape ``(parts, 4, wide*C)`` that the caller keeps
     between calls (``ops._work``): allocated here, its ~2 MB for NC 8192x1024
     came back from the OS page-faulted on many calls (statistics pass 0.85-1.0
     -> 0.6-0.8 copy-times with a kept buffer).
     """
-    outer, C = x.shape
-    step = -(-outer // parts)
-    brows = max(1, block // C)
+    xw = widen(x, wide)
+    ow, W = xw.shape
+    step = -(-ow // parts)
+    brows = max(1, block // W)
     for p in prange(parts):
-        r0 = min(outer, p * step)
-        r1 = min(outer, r0 + step)
-        interleaved_part_moments(x, r0, r1, brows, work[p, 0], work[p, 1],
+        r0 = min(ow, p * step)
+        r1 = min(ow, r0 + step)
+        interleaved_part_moments(xw, r0, r1, brows, work[p, 0], work[p, 1],
                                  work[p, 2], work[p, 3])
-    merge_interleaved_parts(outer, parts, work[:, 0], work[:, 1], mean_out, m2_out)
+    _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
 
 
 @njit(cache=True)
-def channel_stats_interleaved_serial(x, parts, block, mean_out, m2_out):
+def channel_stats_interleaved_serial(x, wide, parts, block, mean_out, m2_out):
     """``channel_stats_interleaved`` on the calling thread (small batches)."""
-    outer, C = x.shape
-    step = -(-outer // parts)
-    pmean = np.zeros((parts, C))
-    pm2 = np.zeros((parts, C))
-    scratch = np.empty((2, C))
-    brows = max(1, block // C)
+    xw = widen(x, wide)
+    ow, W = xw.shape
+    step = -(-ow // parts)
+    brows = max(1, block // W)
+    work = np.empty((parts, 4, W))
     for p in range(parts):
-        r0 = min(outer, p * step)
-        r1 = min(outer, r0 + step)
-        interleaved_part_moments(x, r0, r1, brows, pmean[p], pm2[p], scratch[0], scratch[1])
-    merge_interleaved_parts(outer, parts, pmean, pm2, mean_out, m2_out)
+        r0 = min(ow, p * step)
+        r1 = min(ow, r0 + step)
+        interleaved_part_moments(xw, r0, r1, brows, work[p, 0], work[p, 1],
+                                 work[p, 2], work[p, 3])
+    _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
