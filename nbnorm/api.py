@@ -43,6 +43,11 @@ def _stat_dtype(dtype):
 # CUDA simulator, which lack the interface) run ``nbnorm.cuda.ops``, NumPy
 # arrays ``nbnorm.cpu.ops``.  The validation below is the same for both; where
 # a check needs memory (addresses, read-only flags) it asks ``cuda.ops``.
+#
+# The device is decided once per call (``_backend``) and passed down as ``dev``:
+# probing an array costs ~0.3 us, and a small call used to probe ~19 times.
+# Exact ``numpy.ndarray``s (``type(a) is np.ndarray``, ~50 ns) are host arrays
+# and take the short paths below; everything else goes the general way.
 
 def _on_device(a):
     return bool(getattr(type(a), "__cuda_ndarray__", False)
@@ -56,20 +61,34 @@ class _Backend(NamedTuple):
     kw: dict       # extra arguments for ops: the device's stream
 
 
-def _backend(arrays, stream):
+_host = None  # the host _Backend, made on first use (importing cpu.ops loads the kernels)
+
+
+def _host_backend():
+    global _host
+    if _host is None:
+        from .cpu import ops
+        _host = _Backend(False, ops, layout, {})
+    return _host
+
+
+def _backend(names, arrays, stream):
     """The backend of one call's arrays; mixing host and device is a ``TypeError``.
 
+    ``names`` and ``arrays`` are parallel tuples (``None``: not given).
     ``stream`` is for device arrays only: with host arrays it is refused, since
     a stream passed with host data most likely means data left on the host.
     """
-    given = [(k, v) for k, v in arrays.items() if v is not None]
-    on_dev = [k for k, v in given if _on_device(v)]
-    if not on_dev:
+    for v in arrays:
+        if v is not None and type(v) is not np.ndarray and _on_device(v):
+            break
+    else:  # no array on a device
         if stream is not None:
             raise TypeError("stream= is for arrays on a CUDA device, but the arrays "
                             "are host (NumPy) arrays")
-        from .cpu import ops
-        return _Backend(False, ops, layout, {})
+        return _host or _host_backend()
+    given = [(k, v) for k, v in zip(names, arrays) if v is not None]
+    on_dev = [k for k, v in given if _on_device(v)]
     on_host = [k for k, v in given if k not in on_dev]
     if on_host:
         raise TypeError(
@@ -99,15 +118,18 @@ def _check_data_dtype(a, name):
         raise TypeError(f"{name}: dtype {dt} is not supported; pass float32 or float64")
 
 
-def _input(a, name):
+def _input(a, name, dev):
     """An input as an aligned, native-byte-order ndarray (array-likes are converted).
 
     Inputs are converted (a copy for big-endian or unaligned data, so that the
     kernels see one kind of array); outputs are refused instead (``_writable``).
-    Device arrays become Numba
+    Device arrays (``dev``: the call's backend is the device) become Numba
     device arrays viewing the same memory (``cuda.ops.asarray``), never copies.
     """
-    if _on_device(a):
+    if type(a) is np.ndarray:
+        if a.dtype.isnative and a.flags.aligned:  # the common case, as it is
+            return a
+    elif dev:
         return _dev_ops().asarray(a)
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array, whose mask nbnorm would ignore; "
@@ -123,24 +145,24 @@ def _input(a, name):
     return a
 
 
-def _channel_input(a, name, C):
+def _channel_input(a, name, C, dev):
     """An optional per-channel input (weight, bias, mean, invstd)."""
     if a is None:
         return None
-    a = _input(a, name)
+    a = _input(a, name, dev)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
                          f"got {a.shape}")
-    if _on_device(a):
+    if dev:
         return a  # any strides: the per-channel kernels index them as they are
     return np.ascontiguousarray(a)  # O(C); one kernel signature for every caller
 
 
-def _writable(a, name, shape, dtype):
+def _writable(a, name, shape, dtype, dev):
     """A caller-owned output or running statistic, checked for an in-place write."""
-    if _on_device(a):
+    if dev:
         return _writable_device(a, name, shape, dtype)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray to be written in place, "
@@ -154,11 +176,12 @@ def _writable(a, name, shape, dtype):
             raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     elif a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {a.dtype}")
-    if not a.flags.writeable:
+    flags = a.flags
+    if not flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if not a.flags.aligned:
+    if not flags.aligned:
         raise ValueError(f"{name} is not aligned to its dtype; pass an aligned array")
-    if _overlaps_itself(a):
+    if not flags.forc and _overlaps_itself(a):  # C or Fortran contiguous: no overlap
         raise ValueError(f"{name} has overlapping elements (zero or overlapping strides)")
     return a
 
@@ -198,13 +221,28 @@ def _overlaps_itself(a):
     return False
 
 
-def _output(a, name, shape, dtype):
+def _output(a, name, shape, dtype, dev):
     """A preallocated output, checked; ``None`` (allocate later) stays ``None``."""
-    return None if a is None else _writable(a, name, shape, dtype)
+    return None if a is None else _writable(a, name, shape, dtype, dev)
 
 
-def _or_empty(a, shape, dtype, empty=np.empty):
-    return empty(shape, dtype) if a is None else a
+def _empty_like(x, lay, be):
+    """An output like ``x`` (``out``, ``grad_input``) in the memory order of
+    ``x``'s canonical view ``lay``, so that the kernel writes it directly.
+
+    On the host that is ``x``'s own memory order whenever ``x`` is contiguous
+    in some axis order (Fortran, ``channels_last``, transposes: the strides
+    PyTorch's ``preserve_format`` gives), and C order otherwise (``x`` with gaps
+    or negative strides is read through a C-order copy).  Device arrays: the
+    device's ``empty_like``.
+    """
+    if be.device:
+        return be.ops.empty_like(x)
+    if x.flags.c_contiguous or lay.order == tuple(range(x.ndim)):
+        return np.empty(x.shape, x.dtype)
+    # x is contiguous in the axis order lay.order: empty_like's order="K" makes
+    # the same strides (its subok=False: a plain ndarray, as np.empty gives).
+    return np.empty_like(x, subok=False)
 
 
 def _axis(axis, ndim):
@@ -218,12 +256,15 @@ def _axis(axis, ndim):
 
 
 def _scalar(value, name, low, high, low_open):
-    try:
-        if isinstance(value, (str, bytes)):  # float("0.1") would parse it
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if type(value) is float:  # the usual case: no conversion
+        v = value
+    else:
+        try:
+            if isinstance(value, (str, bytes)):  # float("0.1") would parse it
+                raise TypeError
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {value!r}") from None
     ok = (low < v if low_open else low <= v) and v <= high
     if not ok or not math.isfinite(v):
         lo = "(" if low_open else "["
@@ -234,6 +275,8 @@ def _scalar(value, name, low, high, low_open):
 
 def _flag(value, name):
     """A bool argument: bools and the integers 0 and 1, nothing truthy by accident."""
+    if value is True or value is False:
+        return value
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     try:
@@ -248,14 +291,14 @@ def _flag(value, name):
 _TooHard = getattr(np, "exceptions", np).TooHardError
 
 
-def _overlap(a, b):
+def _overlap(a, b, dev):
     """Whether ``a`` and ``b`` share memory: exact for the common cases
     (interleaved views of one buffer do not overlap), "yes" when in doubt.
     Device arrays: whether their address ranges intersect."""
-    if _on_device(a):
+    if dev:
         ops = _dev_ops()
         return ops.overlap(ops.asarray(a), ops.asarray(b))
-    if not np.may_share_memory(a, b):
+    if not np.may_share_memory(a, b):  # memory bounds only: ~0.2 us
         return False
     try:
         return np.shares_memory(a, b, max_work=10_000)
@@ -263,29 +306,41 @@ def _overlap(a, b):
         return True
 
 
-def _same(a, b):
-    if _on_device(a):
+def _same(a, b, dev):
+    if dev:
         ops = _dev_ops()
         return ops.same(ops.asarray(a), ops.asarray(b))
+    if a is b:  # out=x itself: skip __array_interface__ (~1.7 us an array)
+        return True
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
 
 
-def _check_aliasing(outputs, inputs, may_be):
+def _check_aliasing(outputs, inputs, may_be, dev):
     """Refuse outputs that overlap each other or an input.
 
-    ``may_be`` maps an output's name to the one input it may be exactly (an
-    elementwise kernel reads each element before writing it): ``out=x``.
+    ``outputs`` and ``inputs`` are sequences of ``(name, array or None)``.
+    ``may_be`` is ``(output, input)``: the one output that may be exactly the
+    one input (an elementwise kernel reads each element before writing it):
+    ``out=x``.  Outputs that nbnorm allocates are ``None`` here: nothing to check.
+
+    On the host, two distinct arrays that each own their data (``OWNDATA``:
+    never a view) are separate allocations and cannot overlap; that flag
+    (~0.07 us an array) saves ``np.may_share_memory`` (~0.2 us a pair) for the
+    usual case of freshly allocated weights, statistics and batches.
     """
-    named = [(k, v) for k, v in outputs.items() if v is not None]
-    for i, (na, a) in enumerate(named):
-        for nb, b in named[i + 1:]:
-            if _overlap(a, b):
+    outs = [(k, v, not dev and v.flags.owndata) for k, v in outputs if v is not None]
+    if not outs:
+        return
+    ins = [(k, v, not dev and v.flags.owndata) for k, v in inputs if v is not None]
+    for i, (na, a, own_a) in enumerate(outs):
+        for nb, b, own_b in outs[i + 1:]:
+            if not (own_a and own_b and a is not b) and _overlap(a, b, dev):
                 raise ValueError(f"{na} and {nb} overlap in memory")
-        for nb, b in inputs.items():
-            if b is None or not _overlap(a, b):
+        for nb, b, own_b in ins:
+            if (own_a and own_b and a is not b) or not _overlap(a, b, dev):
                 continue
-            if may_be.get(na) == nb and _same(a, b):
+            if (na, nb) == may_be and _same(a, b, dev):
                 continue
             raise ValueError(f"{na} overlaps the input {nb} in memory")
 
@@ -300,8 +355,8 @@ def _batch_count(x, axis, training):
     return n
 
 
-def _data(x):
-    x = _input(x, "x")
+def _data(x, dev):
+    x = _input(x, "x", dev)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
                          f"got shape {x.shape}")
@@ -310,6 +365,12 @@ def _data(x):
 
 
 # ------------------------------------------------------------------- public
+
+_FORWARD_ARRAYS = ("x", "weight", "bias", "running_mean", "running_var", "out", "mean",
+                   "invstd")
+_BACKWARD_ARRAYS = ("grad_out", "x", "mean", "invstd", "weight", "grad_input",
+                    "grad_weight", "grad_bias")
+
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training=True, momentum=0.1, eps=1e-5, axis=1,
@@ -337,7 +398,10 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         The channel axis; negative values count from the end.
     out, mean, invstd : ndarray, optional
         Preallocated outputs: ``out`` like ``x`` (``out=x`` normalizes in place),
-        ``mean`` and ``invstd`` of shape ``(C,)`` and ``x``'s dtype.
+        ``mean`` and ``invstd`` of shape ``(C,)`` and ``x``'s dtype.  An ``out``
+        that nbnorm allocates has ``x``'s memory order (Fortran, ``channels_last``,
+        transposes: PyTorch's ``preserve_format``); C order when ``x`` is not
+        contiguous in any axis order (gaps, negative strides).
     on_nonfinite : {"propagate", "skip", "raise"}
         What a training step does when a channel's batch mean or variance is not
         finite (NaN/inf in ``x``).  ``"propagate"`` (PyTorch's behaviour): NaN/inf
@@ -374,10 +438,10 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
-    be = _backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
-                   "running_var": running_var, "out": out, "mean": mean,
-                   "invstd": invstd}, stream)
-    x = _data(x)
+    be = _backend(_FORWARD_ARRAYS,
+                  (x, weight, bias, running_mean, running_var, out, mean, invstd), stream)
+    dev = be.device
+    x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
@@ -385,35 +449,39 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     _batch_count(x, ax, training)
     momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
-    weight = _channel_input(weight, "weight", C)
-    bias = _channel_input(bias, "bias", C)
+    weight = _channel_input(weight, "weight", C, dev)
+    bias = _channel_input(bias, "bias", C, dev)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    running = {"running_mean": running_mean, "running_var": running_var}
     if running_mean is not None and training:  # updated in place
-        _writable(running_mean, "running_mean", (C,), None)
-        _writable(running_var, "running_var", (C,), None)
+        _writable(running_mean, "running_mean", (C,), None, dev)
+        _writable(running_var, "running_var", (C,), None, dev)
     elif running_mean is not None:  # inference only reads them: read-only is fine
-        running_mean = _channel_input(running_mean, "running_mean", C)
-        running_var = _channel_input(running_var, "running_var", C)
-        running = {"running_mean": running_mean, "running_var": running_var}
+        running_mean = _channel_input(running_mean, "running_mean", C, dev)
+        running_var = _channel_input(running_var, "running_var", C, dev)
     elif not training:
         raise ValueError("inference (training=False) needs running_mean and running_var")
     sdt = _stat_dtype(x.dtype)
-    out = _output(out, "out", x.shape, x.dtype)
-    mean = _output(mean, "mean", (C,), sdt)
-    invstd = _output(invstd, "invstd", (C,), sdt)
-    _check_aliasing(
-        {"out": out, "mean": mean, "invstd": invstd, **(running if training else {})},
-        {"x": x, "weight": weight, "bias": bias, **({} if training else running)},
-        {"out": "x"})
-    if out is None:  # on the device: in x's memory order, so it has x's view
-        out = be.ops.empty_like(x) if be.device else np.empty(x.shape, x.dtype)
-    mean = _or_empty(mean, (C,), sdt, be.ops.empty)
-    invstd = _or_empty(invstd, (C,), sdt, be.ops.empty)
+    out = _output(out, "out", x.shape, x.dtype, dev)
+    mean = _output(mean, "mean", (C,), sdt, dev)
+    invstd = _output(invstd, "invstd", (C,), sdt, dev)
+    if (out is not None or mean is not None or invstd is not None
+            or (training and running_mean is not None)):  # else no output to check
+        running = (("running_mean", running_mean), ("running_var", running_var))
+        _check_aliasing(
+            (("out", out), ("mean", mean), ("invstd", invstd), *(running if training else ())),
+            (("x", x), ("weight", weight), ("bias", bias), *(() if training else running)),
+            ("out", "x"), dev)
 
     ops = be.ops
     lay = be.views.plan(x, ax)
+    if out is None:  # in x's memory order, so that the kernel writes it directly
+        out = _empty_like(x, lay, be)
+    empty = ops.empty if dev else np.empty
+    if mean is None:
+        mean = empty((C,), sdt)
+    if invstd is None:
+        invstd = empty((C,), sdt)
     x3 = be.views.input_view(x, lay)
     out3, finish = be.views.output_view(out, lay)
     if training:
@@ -447,7 +515,8 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         The channel axis.
     grad_input, grad_weight, grad_bias : ndarray, optional
         Preallocated outputs (``grad_input`` like ``x``, the others ``(C,)``).
-        ``grad_input=grad_out`` computes in place.
+        ``grad_input=grad_out`` computes in place.  A ``grad_input`` that nbnorm
+        allocates has ``x``'s memory order, as ``forward``'s ``out``.
     stream : CUDA stream, optional
         Device arrays only, as for ``forward``.
 
@@ -463,39 +532,45 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     TypeError, ValueError
         As for ``forward``; nothing has been written when it raises.
     """
-    be = _backend({"grad_out": grad_out, "x": x, "mean": mean, "invstd": invstd,
-                   "weight": weight, "grad_input": grad_input,
-                   "grad_weight": grad_weight, "grad_bias": grad_bias}, stream)
-    x = _data(x)
+    be = _backend(_BACKWARD_ARRAYS,
+                  (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias),
+                  stream)
+    dev = be.device
+    x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
     _batch_count(x, ax, training)
-    grad_out = _input(grad_out, "grad_out")
+    grad_out = _input(grad_out, "grad_out", dev)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out must have x's shape {x.shape}, got {grad_out.shape}")
     if grad_out.dtype != x.dtype:
         raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
     if mean is None or invstd is None:
         raise ValueError("backward needs the mean and invstd that forward returned")
-    mean = _channel_input(mean, "mean", C)
-    invstd = _channel_input(invstd, "invstd", C)
-    weight = _channel_input(weight, "weight", C)
+    mean = _channel_input(mean, "mean", C, dev)
+    invstd = _channel_input(invstd, "invstd", C, dev)
+    weight = _channel_input(weight, "weight", C, dev)
     sdt = _stat_dtype(x.dtype)
-    grad_input = _output(grad_input, "grad_input", x.shape, x.dtype)
-    grad_weight = _output(grad_weight, "grad_weight", (C,), sdt)
-    grad_bias = _output(grad_bias, "grad_bias", (C,), sdt)
-    _check_aliasing(
-        {"grad_input": grad_input, "grad_weight": grad_weight, "grad_bias": grad_bias},
-        {"grad_out": grad_out, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
-        {"grad_input": "grad_out"})
-    if grad_input is None:
-        grad_input = (be.ops.empty_like(x) if be.device
-                      else np.empty(x.shape, x.dtype))
-    grad_weight = _or_empty(grad_weight, (C,), sdt, be.ops.empty)
-    grad_bias = _or_empty(grad_bias, (C,), sdt, be.ops.empty)
+    grad_input = _output(grad_input, "grad_input", x.shape, x.dtype, dev)
+    grad_weight = _output(grad_weight, "grad_weight", (C,), sdt, dev)
+    grad_bias = _output(grad_bias, "grad_bias", (C,), sdt, dev)
+    if grad_input is not None or grad_weight is not None or grad_bias is not None:
+        _check_aliasing(
+            (("grad_input", grad_input), ("grad_weight", grad_weight),
+             ("grad_bias", grad_bias)),
+            (("grad_out", grad_out), ("x", x), ("mean", mean), ("invstd", invstd),
+             ("weight", weight)),
+            ("grad_input", "grad_out"), dev)
 
     lay = be.views.plan(x, ax)
+    if grad_input is None:  # in x's memory order, so that the kernel writes it directly
+        grad_input = _empty_like(x, lay, be)
+    empty = be.ops.empty if dev else np.empty
+    if grad_weight is None:
+        grad_weight = empty((C,), sdt)
+    if grad_bias is None:
+        grad_bias = empty((C,), sdt)
     x3 = be.views.input_view(x, lay)
     dy3 = be.views.input_view(grad_out, lay)
     dx3, finish = be.views.output_view(grad_input, lay)
