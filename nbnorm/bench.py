@@ -234,7 +234,7 @@ def small_call(torch, rounds, number):
 
 # ------------------------------------------------------------------- output
 
-def _header(torch):
+def _header(torch, no_torch="torch not installed"):
     import numba
 
     try:
@@ -250,7 +250,7 @@ def _header(torch):
     lines = [f"nbnorm {nbnorm.__version__}, numba {numba.__version__} "
              f"({numba.get_num_threads()} threads, {layer} layer), numpy {np.__version__}, "
              + (f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-                if torch is not None else "torch not installed"),
+                if torch is not None else no_torch),
              f"CPU: {cpu}, {os.cpu_count()} logical CPUs"]
     return "\n".join(lines)
 
@@ -298,7 +298,8 @@ def main(argv=None):
                              inner=5 if args.quick else 3)
     small_nb, small_t, small_err = small_call(torch, rounds, 200 if args.quick else 2000)
 
-    print(_header(torch))
+    print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
+                  else "torch not installed"))
     print("Timings: medians over rounds; each ratio is to np.copyto of the same array "
           "timed in the same round (lower is better); outputs preallocated; torch in its "
           "faster layout.\n")
