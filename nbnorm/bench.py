@@ -57,12 +57,20 @@ class Row(NamedTuple):
 
 # ------------------------------------------------------------------- timing
 
-def _ratios(fns, rounds, inner=1):
+def _ratios(fns, rounds, inner=1, warmup=None):
     """Median seconds of each function and median per-round ratios to ``fns[0]``.
 
     Every round runs each function ``inner`` times (median taken), one after the
-    other, so that all see the same machine state.
+    other, so that all see the same machine state.  ``warmup`` untimed rounds
+    come first (default: a third of ``rounds``, at least 2), so that first-touch
+    page faults of fresh arrays, waking the thread pool and filling the caches
+    stay out of the timed rounds: the table reports the steady state.
     """
+    if warmup is None:
+        warmup = max(2, rounds // 3)
+    for _ in range(warmup):
+        for f in fns:
+            f()
     times = [[] for _ in fns]
     for _ in range(rounds):
         for k, f in enumerate(fns):

@@ -197,23 +197,32 @@ def channel_stats_planar(x, parts, block, mean_out, m2_out):
 #: Channels from which the interleaved row loops update their accumulators once
 #: per four rows (a property of the code, measured: see ``_rows_sum``).
 _UNROLL_MIN_C = 256
+#: ``_rows_sum``, which reads its block from memory, unrolls only for data of at
+#: least this itemsize (float64); float32 rows stream one at a time (measured).
+_SUM_UNROLL_MIN_ITEMSIZE = 8
 
 
 @njit(cache=True, fastmath=_FM)
 def _rows_sum(x, r0, r1, acc):
-    """``acc[c] = sum(x[r0:r1, c])``, four rows per update of ``acc``.
+    """``acc[c] = sum(x[r0:r1, c])``, four rows per update of ``acc`` for float64.
 
     Measured (C=1024, a block in L2, one core): 0.09 -> 0.054 ns/element
     against one row per update; the accumulator's loads and stores, not the
-    adds, were the cost.  Rows shorter than ``_UNROLL_MIN_C`` are summed one at a
-    time (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times unrolled);
-    since ``wide_rows`` only the leftover rows of a batch are that short.
-    (Measured and dropped: fusing the reduction and normalization of column groups of NC 8192x1024, as the planar kernels do per
-    channel, ran 3-5x slower: rows 4 KiB apart map a group onto few cache sets.)
+    adds, were the cost.  But this pass reads its block from memory, and there
+    float32 does better one row at a time, one sequential stream instead of four
+    (statistics pass, x copy time, same process, two runs each: NC 8192x1024
+    0.90/0.88 -> 0.80/0.77, 16384x512 0.93 -> 0.82, NHWC-wide 4 of 5 runs
+    better), while float64 does better unrolled (NHWC 5 of 5 runs, NC 1024
+    0.81/0.50 against 0.91/0.53).  Rows shorter than ``_UNROLL_MIN_C`` are summed
+    one at a time (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times
+    unrolled); since ``wide_rows`` only the leftover rows of a batch are that
+    short.  (Measured and dropped: fusing the reduction and normalization of
+    column groups of NC 8192x1024, as the planar kernels do per channel, ran 3-5x
+    slower: rows 4 KiB apart map a group onto few cache sets.)
     """
     acc[:] = 0.0
     r = r0
-    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C:
+    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C and x.itemsize >= _SUM_UNROLL_MIN_ITEMSIZE:
         a0 = x[r]
         a1 = x[r + 1]
         a2 = x[r + 2]
