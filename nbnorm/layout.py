@@ -29,28 +29,42 @@ def _memory_order(a):
     return tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
 
 
+_IDENTITY = [tuple(range(n)) for n in range(33)]  # NumPy's most dimensions: 32 (2.x: 64)
+
+
+def _identity(ndim):
+    return _IDENTITY[ndim] if ndim < len(_IDENTITY) else tuple(range(ndim))
+
+
 def plan(x, axis):
     """The layout of ``x`` (``axis`` already normalized to ``0 <= axis < ndim``)."""
-    order = tuple(range(x.ndim))
-    if not x.flags.c_contiguous:
+    shape = x.shape
+    # C order, the common case, without building anything (a small call's whole
+    # budget is ~10 us): 1.15 -> 0.4 us.
+    if x.flags.c_contiguous:
+        order = _identity(len(shape))
+        caxis = axis
+    else:
+        order = _identity(x.ndim)
         candidate = _memory_order(x)
         if x.transpose(candidate).flags.c_contiguous:
             order = candidate
-    caxis = order.index(axis)
-    shape = tuple(x.shape[i] for i in order)
-    # math.prod: ~0.1 us against ~3 us for np.prod on a tuple (per-call overhead
-    # of small batches).
+        caxis = order.index(axis)
+        shape = tuple(shape[i] for i in order)
+    # math.prod: ~0.1 us against ~3 us for np.prod on a tuple.
     outer = math.prod(shape[:caxis])
     inner = math.prod(shape[caxis + 1:])
     return Layout(order, (outer, shape[caxis], inner))
 
 
 def _kernel_shape(lay):
-    return lay.shape if lay.planar else lay.shape[:2]
+    return lay.shape if lay.shape[2] > 1 else lay.shape[:2]
 
 
 def _view(a, lay):
     """The canonical view of ``a``, or None where it would need a copy."""
+    if a.flags.c_contiguous and lay.order is _identity(a.ndim):
+        return a.reshape(_kernel_shape(lay))
     t = a.transpose(lay.order)
     return t.reshape(_kernel_shape(lay)) if t.flags.c_contiguous else None
 

@@ -133,34 +133,58 @@ def _all_finite(mean, m2):
     return True
 
 
+#: ``on_nonfinite`` as the serial kernels take it (``ops`` maps ``guard.POLICIES``).
+PROPAGATE, SKIP, RAISE = 0, 1, 2
+
+
 @njit(cache=True)
-def train_serial_planar(x, parts, block, eps, weight, bias, check, out, mean_out, m2_out):
-    """``train_planar`` on the calling thread.  With ``check``, returns False without
-    writing ``out`` when a channel's statistics are not finite."""
+def _keep(mu, m2, policy):
+    """``guard.running_update_mask`` inside a kernel, as ``finish_train`` takes it:
+    the channels whose running statistics update (length 0: all of them)."""
+    if policy == PROPAGATE or _all_finite(mu, m2):
+        return np.empty(0, dtype=np.bool_)
+    keep = np.empty(mu.size, dtype=np.bool_)
+    for c in range(mu.size):
+        keep[c] = np.isfinite(mu[c]) and np.isfinite(m2[c])
+    return keep
+
+
+@njit(cache=True)
+def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, out,
+                        mean_out, invstd_out, running_mean, running_var, mu, m2):
+    """A whole training step of ``x[outer, C, inner]`` on the calling thread, in one
+    call (a small batch's budget is microseconds): the float64 moments into ``mu``,
+    ``m2``, ``out``, then ``finish_train``.  With ``policy == RAISE`` it returns
+    False, having written nothing but ``mu``, ``m2``, when a channel's statistics
+    are not finite."""
     outer, C, inner = x.shape
     n = outer * inner
     for c in range(C):
-        mean_out[c], m2_out[c] = stats.channel_moments_planar(x, c, parts, block)
-    if check and not _all_finite(mean_out, m2_out):
+        mu[c], m2[c] = stats.channel_moments_planar(x, c, parts, block)
+    if policy == RAISE and not _all_finite(mu, m2):
         return False
     for c in range(C):
-        s, b = scale_shift(c, n, eps, mean_out[c], m2_out[c], weight, bias)
+        s, b = scale_shift(c, n, eps, mu[c], m2[c], weight, bias)
         for o in range(outer):
-            _normalize_run(x[o, c], out[o, c], mean_out[c], s, b)
+            _normalize_run(x[o, c], out[o, c], mu[c], s, b)
+    finish_train(mu, m2, n, eps, momentum, mean_out, invstd_out, running_mean, running_var,
+                 _keep(mu, m2, policy))
     return True
 
 
 @njit(cache=True)
-def train_serial_interleaved(x, wide, parts, block, eps, weight, bias, check, out, mean_out,
-                             m2_out):
-    """Statistics and normalization of ``x[outer, C]`` on the calling thread."""
+def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias, policy, out,
+                             mean_out, invstd_out, running_mean, running_var, mu, m2):
+    """``train_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
-    stats.channel_stats_interleaved_serial(x, wide, parts, block, mean_out, m2_out)
-    if check and not _all_finite(mean_out, m2_out):
+    stats.channel_stats_interleaved_serial(x, wide, parts, block, mu, m2)
+    if policy == RAISE and not _all_finite(mu, m2):
         return False
     scale = np.empty(C)
     shift = np.empty(C)
     for c in range(C):
-        scale[c], shift[c] = scale_shift(c, outer, eps, mean_out[c], m2_out[c], weight, bias)
-    normalize_serial_interleaved(x, wide, mean_out, scale, shift, out)
+        scale[c], shift[c] = scale_shift(c, outer, eps, mu[c], m2[c], weight, bias)
+    normalize_serial_interleaved(x, wide, mu, scale, shift, out)
+    finish_train(mu, m2, outer, eps, momentum, mean_out, invstd_out, running_mean,
+                 running_var, _keep(mu, m2, policy))
     return True

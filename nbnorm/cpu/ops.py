@@ -106,6 +106,10 @@ def _scale_shift(inv, w, b, C):
     return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
 
 
+#: ``on_nonfinite`` codes of the serial kernels.
+_POLICY = {"propagate": fwd.PROPAGATE, "skip": fwd.SKIP, "raise": fwd.RAISE}
+
+
 @serialized
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                   out, mean, invstd, on_nonfinite="propagate"):
@@ -113,31 +117,44 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     n = x.size // C
     w = _param(weight)
     b = _param(bias)
+    # The kernels update float32/float64 running statistics; other float dtypes
+    # (float16, longdouble) are NumPy's job, at the end.
+    numpy_running = running_mean is not None and not (running_mean.dtype.char in "fd"
+                                                      and running_var.dtype.char in "fd")
+    if running_mean is None or numpy_running:
+        rm = rv = _NONE
+    else:
+        rm, rv = running_mean, running_var
     mu = np.empty(C)
     m2 = np.empty(C)
-    check = on_nonfinite == "raise"
     if x.size <= config.SERIAL_MAX:
+        # One kernel call for the whole step: each call of a Numba kernel costs
+        # ~0.5-1 us of dispatch, a tenth of a small call.
+        policy = _POLICY[on_nonfinite]
         if x.ndim == 3:
-            ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, w, b, check, out,
-                                         mu, m2)
+            ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, momentum, w, b,
+                                         policy, out, mean, invstd, rm, rv, mu, m2)
         else:
             ok = fwd.train_serial_interleaved(x, stats.wide_rows(C), _parts(x), config.BLOCK,
-                                              eps, w, b, check, out, mu, m2)
+                                              eps, momentum, w, b, policy, out, mean, invstd,
+                                              rm, rv, mu, m2)
         if not ok:
             guard.running_update_mask(mu, m2, on_nonfinite)  # raises; nothing written
-    elif x.ndim == 3 and not check and _fused(x, x.itemsize):
-        fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
     else:
-        mu, m2 = batch_moments(x)
-        guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
-        scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
-        normalize(x, mu, scale, shift, out)
-    # on_nonfinite="skip": channels whose statistics are not finite keep their
-    # running statistics (the outputs are written either way).
-    keep = guard.running_update_mask(mu, m2, on_nonfinite)
-    if running_mean is not None and not (running_mean.dtype.char in "fd"
-                                         and running_var.dtype.char in "fd"):
-        # Other float dtypes (float16, longdouble) are NumPy's job.
+        if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
+            fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
+        else:
+            mu, m2 = batch_moments(x)
+            guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
+            scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
+            normalize(x, mu, scale, shift, out)
+        # on_nonfinite="skip": channels whose statistics are not finite keep their
+        # running statistics (the outputs are written either way).
+        keep = guard.running_update_mask(mu, m2, on_nonfinite)
+        fwd.finish_train(mu, m2, n, eps, momentum, mean, invstd, rm, rv,
+                         _ALL if keep is None else keep)
+    if numpy_running:
+        keep = guard.running_update_mask(mu, m2, on_nonfinite)
         new_mean = (1.0 - momentum) * running_mean + momentum * mu
         new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
         if keep is not None:
@@ -145,11 +162,6 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
             new_var = np.where(keep, new_var, running_var)
         running_mean[...] = new_mean
         running_var[...] = new_var
-        running_mean = running_var = None
-    fwd.finish_train(mu, m2, n, eps, momentum, mean, invstd,
-                     _NONE if running_mean is None else running_mean,
-                     _NONE if running_var is None else running_var,
-                     _ALL if keep is None else keep)
 
 
 @serialized
