@@ -181,13 +181,33 @@ def _grad_run(gr, xr, yr, m, a, b, k):
 
 
 @njit(cache=True)
-def _grad_rows(dy, x, r0, r1, mean, a, b, k, dx):
-    for r in range(r0, r1):
-        gr = dy[r]
-        xr = x[r]
-        yr = dx[r]
-        for c in range(xr.size):
-            yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
+def _affine_coeffs(mean, a, b, k):
+    """``(q, r)`` of ``dx = k*dy + (q*x + r)``, the same map as
+    ``dx = k * (dy - a - (x - mean) * b)``."""
+    return -k * b, k * (b * mean - a)
+
+
+@njit(cache=True)
+def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
+    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``.
+
+    float32 data use ``k*dy + (q*x + r)``: two multiply-adds and three
+    coefficient loads instead of four operations and four loads (NC 8192x1024
+    grad pass, x copy time, same process: 1.91/1.63/1.40 -> 1.70/1.48/1.31).  In
+    float64 arithmetic its cancellation, ~1e-16 * |mean| / std relative, is far
+    below float32's rounding; float64 data keep the centred form, which does
+    not lose digits to a large mean.
+    """
+    for row in range(r0, r1):
+        gr = dy[row]
+        xr = x[row]
+        yr = dx[row]
+        if x.itemsize == 4:  # a constant of the compiled signature
+            for c in range(xr.size):
+                yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
+        else:
+            for c in range(xr.size):
+                yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
 
 
 @njit(parallel=True, cache=True)
@@ -206,17 +226,20 @@ def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx):
     dyw = widen(dy, wide)
     xw = widen(x, wide)
     dxw = widen(dx, wide)
+    q, r = _affine_coeffs(mean, a, b, k)
     mw = tile(mean, wide)
     aw = tile(a, wide)
     bw = tile(b, wide)
     kw = tile(k, wide)
+    qw = tile(q, wide)
+    rw = tile(r, wide)
     ow = xw.shape[0]
     tasks = max(1, min(ow, 256))
     step = -(-ow // tasks)
     for t in prange(tasks):
         r0 = min(ow, t * step)
-        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, dxw)
-    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, dx)
+        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, qw, rw, dxw)
+    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, q, r, dx)
 
 
 @njit(parallel=True, cache=True)
@@ -276,9 +299,10 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
         a[c], b[c], k[c] = grad_coeffs(c, outer, sum_dy_out[c], sum_dy_xmu_out[c],
                                        invstd[c], weight)
     if training:
+        q, r = _affine_coeffs(mean, a, b, k)
         _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
-                   widen(dx, wide))
-        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, dx)
+                   tile(q, wide), tile(r, wide), widen(dx, wide))
+        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx)
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx)
