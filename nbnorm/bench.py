@@ -21,6 +21,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit, prange
 
 import nbnorm
 from nbnorm import reference
@@ -89,6 +90,67 @@ def _per_call(f, number):
     for _ in range(number):
         f()
     return (time.perf_counter() - t0) / number
+
+
+# ------------------------------------------------------------------ floors
+# What the memory allows, measured like the kernels (2 threads, ratio to the
+# copy): reading x once, and one elementwise pass x -> out.  An interleaved
+# (NHWC, NC) forward-train must do both, so read + elementwise is its floor;
+# a table cell near it has nothing left to gain.
+
+@njit(cache=True, fastmath=True)
+def _sum_run(r):
+    s = 0.0
+    for i in range(r.size):
+        s += r[i]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def read_floor(x):
+    """Reads every element of ``x`` once (a parallel sum)."""
+    f = x.reshape(-1)
+    n = f.size
+    tasks = 64
+    step = -(-n // tasks)
+    acc = np.zeros(tasks)
+    for t in prange(tasks):
+        acc[t] = _sum_run(f[min(n, t * step):min(n, (t + 1) * step)])
+    return acc.sum()
+
+
+@njit(parallel=True, cache=True)
+def elementwise_floor(x, out):
+    """``out = 2 * x``: one read and one write of every element, in parallel."""
+    f = x.reshape(-1)
+    g = out.reshape(-1)
+    n = f.size
+    tasks = 256
+    step = -(-n // tasks)
+    two = f.dtype.type(2)
+    for t in prange(tasks):
+        a = f[min(n, t * step):min(n, (t + 1) * step)]
+        b = g[min(n, t * step):min(n, (t + 1) * step)]
+        for i in range(a.size):
+            b[i] = a[i] * two
+
+
+def floors(shapes, dtype, rounds, rng):
+    """``[(layout, read x / copy, elementwise / copy)]`` for each shape."""
+    rows = []
+    for name, shape, _ in shapes:
+        x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        out = np.empty_like(x)
+        _, r = _ratios([lambda: np.copyto(out, x), lambda: read_floor(x),
+                        lambda: elementwise_floor(x, out)], rounds)
+        rows.append((name, float(r[1]), float(r[2])))
+    return rows
+
+
+def format_floors(dtype, rows):
+    cells = ", ".join(f"{n} {rd:.2f} + {ew:.2f} = {rd + ew:.2f}" for n, rd, ew in rows)
+    return (f"memory floor, {dtype} (x copy; read x + elementwise x->out, the least "
+            f"a two-pass forward-train can take): {cells}")
 
 
 # -------------------------------------------------------------------- torch
@@ -305,6 +367,7 @@ def main(argv=None):
             rows += run_case(name, shape, axis, dtype, rounds, torch, rng,
                              inner=5 if args.quick else 3)
     small_nb, small_t, small_err = small_call(torch, rounds, 200 if args.quick else 2000)
+    floor_rows = {dtype: floors(shapes, dtype, rounds, rng) for dtype in dtypes}
 
     print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
                   else "torch not installed"))
@@ -317,6 +380,9 @@ def main(argv=None):
     print(f"\nsmall call: forward-train {SMALL_SHAPE} float32, nothing preallocated: "
           f"nbnorm {small_nb:.1f} us, torch {_fmt(small_t, '{:.1f}')} us, "
           f"nbnorm/torch {_fmt(ratio)}  {'ok' if small_ok else 'FAILED'} ({small_err:.1e})")
+    print()
+    for dtype in dtypes:
+        print(format_floors(dtype, floor_rows[dtype]))
     failed = [r for r in rows if not r.ok] + ([] if small_ok else ["small call"])
     if failed:
         print(f"\n{len(failed)} check(s) FAILED against nbnorm.reference", file=sys.stderr)

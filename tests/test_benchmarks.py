@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import nbnorm
@@ -37,6 +38,21 @@ def test_selfcheck_quick_runs_and_reports_every_kernel():
             assert len(rows) == 2, (kernel, layout, out)  # float32 and float64
             assert all(l.rstrip().split()[-2] == "ok" for l in rows), rows
     assert "small call" in out and "nbnorm/copy" in out
+    floors = [l for l in out.splitlines() if l.startswith("memory floor")]
+    assert len(floors) == 2 and all(l.count(" = ") == 3 for l in floors), floors
+
+
+def test_memory_floor_kernels_touch_every_element(rng):
+    """The floor measurements read (and write) every element, so their times mean
+    what the table says."""
+    from nbnorm import bench
+
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((1001, 7)).astype(dtype)
+        np.testing.assert_allclose(bench.read_floor(x), x.sum(dtype=np.float64), rtol=1e-5)
+        out = np.full_like(x, np.nan)
+        bench.elementwise_floor(x, out)
+        np.testing.assert_array_equal(out, 2 * x)
 
 
 def test_selfcheck_without_torch():

@@ -13,8 +13,8 @@ of Numba's threads.  ``config.SERIALIZE_CPU_CALLS`` forces the lock on or off.
 
 Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
 costs 0.1-0.3 us per call (the layer check), 0.3 us more when it takes the
-uncontended lock; the smallest forward call costs ~20 us, so the guard is at
-most 1-2%, below the run-to-run noise.  See README "Threads".
+uncontended lock; the smallest forward call costs 11-15 us, so the guard is at
+most 1-3%, below the run-to-run noise.  See README "Threads".
 """
 
 import functools
