@@ -155,8 +155,8 @@ def _channel_input(a, name, C, dev):
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
                          f"got {a.shape}")
-    if dev:
-        return a  # any strides: the per-channel kernels index them as they are
+    if dev or a.flags.c_contiguous:  # device: the per-channel kernels take any strides
+        return a
     return np.ascontiguousarray(a)  # O(C); one kernel signature for every caller
 
 
@@ -329,16 +329,21 @@ def _check_aliasing(outputs, inputs, may_be, dev):
     (~0.07 us an array) saves ``np.may_share_memory`` (~0.2 us a pair) for the
     usual case of freshly allocated weights, statistics and batches.
     """
-    outs = [(k, v, not dev and v.flags.owndata) for k, v in outputs if v is not None]
+    outs = [kv for kv in outputs if kv[1] is not None]
     if not outs:
         return
-    ins = [(k, v, not dev and v.flags.owndata) for k, v in inputs if v is not None]
-    for i, (na, a, own_a) in enumerate(outs):
-        for nb, b, own_b in outs[i + 1:]:
-            if not (own_a and own_b and a is not b) and _overlap(a, b, dev):
+    ins = [kv for kv in inputs if kv[1] is not None]
+    # ids of the arrays that own their data; all distinct and owning: done (~0.6 us)
+    own = set() if dev else {id(v) for _, v in outs + ins if v.flags.owndata}
+    if len(own) == len(outs) + len(ins):
+        return
+    for i, (na, a) in enumerate(outs):
+        own_a = id(a) in own
+        for nb, b in outs[i + 1:]:
+            if not (own_a and id(b) in own and a is not b) and _overlap(a, b, dev):
                 raise ValueError(f"{na} and {nb} overlap in memory")
-        for nb, b, own_b in ins:
-            if (own_a and own_b and a is not b) or not _overlap(a, b, dev):
+        for nb, b in ins:
+            if (own_a and id(b) in own and a is not b) or not _overlap(a, b, dev):
                 continue
             if (na, nb) == may_be and _same(a, b, dev):
                 continue

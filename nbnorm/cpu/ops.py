@@ -62,6 +62,15 @@ def _param(a):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
+def _param_as_is(a):
+    """``_param``, but a float32/float64 parameter as it is (``api`` made it
+    contiguous): the serial kernels read it in float64 anyway, and the
+    conversion is ~0.3 us of a ~12 us small call."""
+    if a is not None and a.dtype.char in "fd":
+        return a
+    return _param(a)
+
+
 def _parts(x):
     return stats.planar_parts(*x.shape) if x.ndim == 3 else stats.interleaved_parts(*x.shape)
 
@@ -115,8 +124,9 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                   out, mean, invstd, on_nonfinite="propagate"):
     C = x.shape[1]
     n = x.size // C
-    w = _param(weight)
-    b = _param(bias)
+    serial = x.size <= config.SERIAL_MAX
+    w = _param_as_is(weight) if serial else _param(weight)
+    b = _param_as_is(bias) if serial else _param(bias)
     # The kernels update float32/float64 running statistics; other float dtypes
     # (float16, longdouble) are NumPy's job, at the end.
     numpy_running = running_mean is not None and not (running_mean.dtype.char in "fd"
@@ -127,7 +137,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         rm, rv = running_mean, running_var
     mu = np.empty(C)
     m2 = np.empty(C)
-    if x.size <= config.SERIAL_MAX:
+    if serial:
         # One kernel call for the whole step: each call of a Numba kernel costs
         # ~0.5-1 us of dispatch, a tenth of a small call.
         policy = _POLICY[on_nonfinite]
