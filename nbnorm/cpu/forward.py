@@ -180,11 +180,19 @@ def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias,
     stats.channel_stats_interleaved_serial(x, wide, parts, block, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False
-    scale = np.empty(C)
-    shift = np.empty(C)
+    # center, scale, shift tiled for the wide rows in one table; its first C
+    # columns serve the leftover narrow rows (one allocation instead of five).
+    coef = np.empty((3, wide * C))
     for c in range(C):
-        scale[c], shift[c] = scale_shift(c, outer, eps, mu[c], m2[c], weight, bias)
-    normalize_serial_interleaved(x, wide, mu, scale, shift, out)
+        s, b = scale_shift(c, outer, eps, mu[c], m2[c], weight, bias)
+        for j in range(wide):
+            coef[0, j * C + c] = mu[c]
+            coef[1, j * C + c] = s
+            coef[2, j * C + c] = b
+    ow = outer // wide
+    _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2],
+                    stats.widen(out, wide))
+    _normalize_rows(x, ow * wide, outer, coef[0, :C], coef[1, :C], coef[2, :C], out)
     finish_train(mu, m2, outer, eps, momentum, mean_out, invstd_out, running_mean,
                  running_var, _keep(mu, m2, policy))
     return True
