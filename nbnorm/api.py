@@ -316,6 +316,22 @@ def _same(a, b, dev):
             and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
 
 
+def _separate(*arrays):
+    """True when the given host arrays (``None``: not given) are distinct objects
+    that each own their data: separate allocations, so none overlaps another and
+    ``_check_aliasing`` has nothing to find (~0.4 us for five arrays, against
+    ~1.1 us for building its argument tuples and running it)."""
+    ids = set()
+    n = 0
+    for a in arrays:
+        if a is not None:
+            if not a.flags.owndata:
+                return False
+            ids.add(id(a))
+            n += 1
+    return len(ids) == n
+
+
 def _check_aliasing(outputs, inputs, may_be, dev):
     """Refuse outputs that overlap each other or an input.
 
@@ -470,8 +486,10 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     out = _output(out, "out", x.shape, x.dtype, dev)
     mean = _output(mean, "mean", (C,), sdt, dev)
     invstd = _output(invstd, "invstd", (C,), sdt, dev)
-    if (out is not None or mean is not None or invstd is not None
-            or (training and running_mean is not None)):  # else no output to check
+    if ((out is not None or mean is not None or invstd is not None
+         or (training and running_mean is not None))  # else no output to check
+            and (dev or not _separate(x, weight, bias, running_mean, running_var,
+                                      out, mean, invstd))):
         running = (("running_mean", running_mean), ("running_var", running_var))
         _check_aliasing(
             (("out", out), ("mean", mean), ("invstd", invstd), *(running if training else ())),
@@ -560,7 +578,9 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     grad_input = _output(grad_input, "grad_input", x.shape, x.dtype, dev)
     grad_weight = _output(grad_weight, "grad_weight", (C,), sdt, dev)
     grad_bias = _output(grad_bias, "grad_bias", (C,), sdt, dev)
-    if grad_input is not None or grad_weight is not None or grad_bias is not None:
+    if ((grad_input is not None or grad_weight is not None or grad_bias is not None)
+            and (dev or not _separate(grad_out, x, mean, invstd, weight, grad_input,
+                                      grad_weight, grad_bias))):
         _check_aliasing(
             (("grad_input", grad_input), ("grad_weight", grad_weight),
              ("grad_bias", grad_bias)),
