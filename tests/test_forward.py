@@ -503,3 +503,33 @@ def test_wide_rows(rng, monkeypatch, path, shape, dtype):
     xi = x.copy()
     nbnorm.forward(xi, w, b, out=xi)
     assert_close(xi, reference.forward(x, w, b).out, REF_TOL[x.dtype], "in place")
+
+
+@pytest.mark.parametrize("rdtype", [np.float16, np.longdouble], ids=["float16", "longdouble"])
+@pytest.mark.parametrize("shape,axis", [((16, 5), 1), ((4, 3, 7), 1), ((300, 40), 1),
+                                        ((64, 9, 200), 1)],
+                         ids=["NC-serial", "NCL-serial", "NC-parallel", "NCL-parallel"])
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_running_stats_of_other_float_dtypes(rng, shape, axis, rdtype, policy):
+    """Running statistics in float16 or longdouble (the kernels update float32 and
+    float64 ones; NumPy does these): updated like the reference, rounded to their
+    dtype, on the serial and the parallel paths; with skip, a channel with a NaN
+    keeps its old values."""
+    x = data(rng, shape, np.float32)
+    C = shape[axis]
+    if policy == "skip":
+        x[(0,) * axis + (1,)] = np.nan  # channel 1
+    rm0 = channel(rng, C, np.float32).astype(rdtype)
+    rv0 = positive(rng, C, np.float32).astype(rdtype)
+    rm, rv = rm0.copy(), rv0.copy()
+    nbnorm.forward(x, None, None, rm, rv, axis=axis, on_nonfinite=policy)
+    exp = reference.forward(x, None, None, rm0.astype(np.float64), rv0.astype(np.float64),
+                            axis=axis)
+    good = np.arange(C) != 1 if policy == "skip" else np.ones(C, bool)
+    tol = dict(rtol=2e-3, atol=2e-3) if rdtype == np.float16 else dict(rtol=1e-6, atol=1e-6)
+    assert rm.dtype == rdtype and rv.dtype == rdtype
+    assert_close(rm[good], exp.running_mean[good], tol, "running_mean")
+    assert_close(rv[good], exp.running_var[good], tol, "running_var")
+    if policy == "skip":
+        assert_same(rm[~good], rm0[~good], "skipped running_mean")
+        assert_same(rv[~good], rv0[~good], "skipped running_var")

@@ -151,14 +151,15 @@ def _keep(mu, m2, policy):
 
 @njit(cache=True)
 def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, out,
-                        mean_out, invstd_out, running_mean, running_var, mu, m2):
+                        mean_out, invstd_out, running_mean, running_var):
     """A whole training step of ``x[outer, C, inner]`` on the calling thread, in one
-    call (a small batch's budget is microseconds): the float64 moments into ``mu``,
-    ``m2``, ``out``, then ``finish_train``.  With ``policy == RAISE`` it returns
-    False, having written nothing but ``mu``, ``m2``, when a channel's statistics
-    are not finite."""
+    call (a small batch's budget is microseconds): the float64 moments, ``out``,
+    then ``finish_train``.  With ``policy == RAISE`` it returns False, having
+    written nothing, when a channel's statistics are not finite."""
     outer, C, inner = x.shape
     n = outer * inner
+    mu = np.empty(C)
+    m2 = np.empty(C)
     for c in range(C):
         mu[c], m2[c] = stats.channel_moments_planar(x, c, parts, block)
     if policy == RAISE and not _all_finite(mu, m2):
@@ -174,9 +175,11 @@ def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, ou
 
 @njit(cache=True)
 def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias, policy, out,
-                             mean_out, invstd_out, running_mean, running_var, mu, m2):
+                             mean_out, invstd_out, running_mean, running_var):
     """``train_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
+    mu = np.empty(C)
+    m2 = np.empty(C)
     stats.channel_stats_interleaved_serial(x, wide, parts, block, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False

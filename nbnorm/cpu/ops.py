@@ -93,10 +93,24 @@ def batch_moments(x):
     if x.ndim == 3:
         stats.channel_stats_planar(x, _parts(x), config.BLOCK, mean, m2)
     else:
-        parts = _parts(x)
-        wide = stats.wide_rows(C)
+        wide, parts = stats.interleaved_split(*x.shape)
         stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, mean, m2,
                                         _work(parts, 4, wide * C))
+    return mean, m2
+
+
+def _serial_moments(x):
+    """``batch_moments`` on the calling thread, bitwise the same: for the rare
+    small-batch paths that need the moments after a serial kernel, which must
+    not launch a parallel one (``serialized`` took no lock for them)."""
+    C = x.shape[1]
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    if x.ndim == 3:
+        stats.channel_stats_planar_serial(x, _parts(x), config.BLOCK, mean, m2)
+    else:
+        wide, parts = stats.interleaved_split(*x.shape)
+        stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK, mean, m2)
     return mean, m2
 
 
@@ -135,22 +149,24 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         rm = rv = _NONE
     else:
         rm, rv = running_mean, running_var
-    mu = np.empty(C)
-    m2 = np.empty(C)
     if serial:
         # One kernel call for the whole step: each call of a Numba kernel costs
         # ~0.5-1 us of dispatch, a tenth of a small call.
         policy = _POLICY[on_nonfinite]
         if x.ndim == 3:
             ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, momentum, w, b,
-                                         policy, out, mean, invstd, rm, rv, mu, m2)
+                                         policy, out, mean, invstd, rm, rv)
         else:
-            ok = fwd.train_serial_interleaved(x, stats.wide_rows(C), _parts(x), config.BLOCK,
-                                              eps, momentum, w, b, policy, out, mean, invstd,
-                                              rm, rv, mu, m2)
-        if not ok:
-            guard.running_update_mask(mu, m2, on_nonfinite)  # raises; nothing written
+            wide, parts = stats.interleaved_split(*x.shape)
+            ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK, eps, momentum, w, b,
+                                              policy, out, mean, invstd, rm, rv)
+        if not ok:  # "raise": the same moments again, for the message; nothing written
+            guard.running_update_mask(*_serial_moments(x), on_nonfinite)
+        if numpy_running:  # rare: the moments again, bitwise the kernel's
+            mu, m2 = _serial_moments(x)
     else:
+        mu = np.empty(C)
+        m2 = np.empty(C)
         if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
             fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
         else:
@@ -201,16 +217,16 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
             bwd.backward_serial_planar(dy, x, mu, inv, w, _parts(x), bool(training),
                                        grad_input, s, sx)
         else:
-            bwd.backward_serial_interleaved(dy, x, mu, inv, w, stats.wide_rows(C), _parts(x),
-                                            bool(training), grad_input, s, sx)
+            wide, parts = stats.interleaved_split(*x.shape)
+            bwd.backward_serial_interleaved(dy, x, mu, inv, w, wide, parts, bool(training),
+                                            grad_input, s, sx)
     elif training and planar and _fused(x, x.itemsize * 2):
         bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx)
     else:
         if planar:
             bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
         else:
-            parts = _parts(x)
-            wide = stats.wide_rows(C)
+            wide, parts = stats.interleaved_split(*x.shape)
             bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
                                             _work(parts, 2, wide * C))
         k = inv * w if w.size else inv

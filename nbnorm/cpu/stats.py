@@ -54,13 +54,18 @@ def wide_rows(C):
     return max(1, -(-config.WIDE_ROW // C))
 
 
-def interleaved_parts(outer, C):
-    """Ranges of wide rows (``wide_rows``) for an interleaved reduction: a
-    function of the shape only."""
+def interleaved_split(outer, C):
+    """``(wide_rows(C), parts)``: the wide rows of an interleaved reduction and
+    how many ranges of them it splits into, a function of the shape only."""
     k = wide_rows(C)
-    outer, C = outer // k, k * C
-    most = max(1, (outer * C) // config.MIN_PART)
-    return max(1, min(config.TARGET_TASKS, most, outer))
+    rows = outer // k
+    most = max(1, (rows * k * C) // config.MIN_PART)
+    return k, max(1, min(config.TARGET_TASKS, most, rows))
+
+
+def interleaved_parts(outer, C):
+    """Ranges of wide rows (``wide_rows``) for an interleaved reduction."""
+    return interleaved_split(outer, C)[1]
 
 
 @njit(cache=True)
@@ -165,6 +170,13 @@ def channel_moments_planar(x, c, parts, block):
             pm, pq = planar_part_moments(x, c, j0, j1, block)
             cnt, mu, m2 = chan_merge(cnt, mu, m2, float(j1 - j0), pm, pq)
     return mu, m2
+
+
+@njit(cache=True)
+def channel_stats_planar_serial(x, parts, block, mean_out, m2_out):
+    """``channel_stats_planar`` on the calling thread (small batches)."""
+    for c in range(x.shape[1]):
+        mean_out[c], m2_out[c] = channel_moments_planar(x, c, parts, block)
 
 
 @njit(parallel=True, cache=True)

@@ -174,7 +174,7 @@ def plan(x, axis):
     caxis = order.index(axis)
     outer = int(np.prod(shape[:caxis], dtype=np.int64))
     inner = int(np.prod(shape[caxis + 1:], dtype=np.int64))
-    return layout.Layout(order, (outer, shape[caxis], inner))
+    return layout.make(order, outer, shape[caxis], inner)
 
 
 def input_view(a, lay, name="an array"):
@@ -186,7 +186,7 @@ def input_view(a, lay, name="an array"):
             "channels_last, a transpose of a contiguous array), with x's memory order "
             "for grad_out and outputs; nbnorm does not copy device arrays: pass a "
             "contiguous one (e.g. cupy.ascontiguousarray / tensor.contiguous())")
-    kshape = lay.shape if lay.planar else lay.shape[:2]
+    kshape = lay.kernel_shape
     return _strided(a, kshape, _c_strides(kshape, a.dtype.itemsize))
 
 
