@@ -242,39 +242,40 @@ def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx):
     _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, q, r, dx)
 
 
+@njit(cache=True)
+def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_out,
+                    sum_dy_xmu_out):
+    """The whole backward of channel ``c`` of ``x[outer, C, inner]``: its sums,
+    then its ``dx`` while the channel is still in cache.  Inference mode
+    (``training=False``) writes ``dx = dy * invstd * weight``."""
+    outer, C, inner = x.shape
+    m = mean[c]
+    s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
+    sum_dy_out[c] = s
+    sum_dy_xmu_out[c] = sx
+    a, b, k = grad_coeffs(c, outer * inner, s, sx, invstd[c], weight)
+    for o in range(outer):
+        if training:
+            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
+        else:  # the affine map's gradient: dx does not depend on x
+            _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0)
+
+
 @njit(parallel=True, cache=True)
 def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_out):
     """Training-mode backward of ``x[outer, C, inner]``, one task per channel."""
-    outer, C, inner = x.shape
-    n = outer * inner
-    for c in prange(C):
-        m = mean[c]
-        s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
-        sum_dy_out[c] = s
-        sum_dy_xmu_out[c] = sx
-        a, b, k = grad_coeffs(c, n, s, sx, invstd[c], weight)
-        for o in range(outer):
-            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
+    for c in prange(x.shape[1]):
+        _planar_channel(dy, x, c, mean, invstd, weight, parts, True, dx, sum_dy_out,
+                        sum_dy_xmu_out)
 
 
 @njit(cache=True)
 def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx,
                            sum_dy_out, sum_dy_xmu_out):
-    """Backward of ``x[outer, C, inner]`` on the calling thread; inference mode
-    (``training=False``) writes ``dx = dy * invstd * weight``."""
-    outer, C, inner = x.shape
-    n = outer * inner
-    for c in range(C):
-        m = mean[c]
-        s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
-        sum_dy_out[c] = s
-        sum_dy_xmu_out[c] = sx
-        a, b, k = grad_coeffs(c, n, s, sx, invstd[c], weight)
-        for o in range(outer):
-            if training:
-                _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
-            else:  # the affine map's gradient: dx does not depend on x
-                _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0)
+    """Backward of ``x[outer, C, inner]`` on the calling thread."""
+    for c in range(x.shape[1]):
+        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_out,
+                        sum_dy_xmu_out)
 
 
 @njit(cache=True)
