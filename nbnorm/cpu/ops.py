@@ -85,32 +85,26 @@ def _fused(x, itemsize):
     return C >= config.FUSE_MIN_C and outer * inner * itemsize <= config.FUSE_MAX_BYTES
 
 
-def batch_moments(x):
-    """float64 ``(mean, M2)`` per channel of a canonical view."""
+def batch_moments(x, serial=False):
+    """float64 ``(mean, M2)`` per channel of a canonical view.
+
+    ``serial``: on the calling thread, bitwise the same; for the rare small-batch
+    paths that need the moments after a serial kernel and must not launch a
+    parallel one (``serialized`` took no lock for them).
+    """
     C = x.shape[1]
     mean = np.empty(C)
     m2 = np.empty(C)
     if x.ndim == 3:
-        stats.channel_stats_planar(x, _parts(x), config.BLOCK, mean, m2)
+        kernel = stats.channel_stats_planar_serial if serial else stats.channel_stats_planar
+        kernel(x, _parts(x), config.BLOCK, mean, m2)
+    elif serial:
+        wide, parts = stats.interleaved_split(*x.shape)
+        stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK, mean, m2)
     else:
         wide, parts = stats.interleaved_split(*x.shape)
         stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, mean, m2,
                                         _work(parts, 4, wide * C))
-    return mean, m2
-
-
-def _serial_moments(x):
-    """``batch_moments`` on the calling thread, bitwise the same: for the rare
-    small-batch paths that need the moments after a serial kernel, which must
-    not launch a parallel one (``serialized`` took no lock for them)."""
-    C = x.shape[1]
-    mean = np.empty(C)
-    m2 = np.empty(C)
-    if x.ndim == 3:
-        stats.channel_stats_planar_serial(x, _parts(x), config.BLOCK, mean, m2)
-    else:
-        wide, parts = stats.interleaved_split(*x.shape)
-        stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK, mean, m2)
     return mean, m2
 
 
@@ -161,9 +155,9 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
             ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK, eps, momentum, w, b,
                                               policy, out, mean, invstd, rm, rv)
         if not ok:  # "raise": the same moments again, for the message; nothing written
-            guard.running_update_mask(*_serial_moments(x), on_nonfinite)
+            guard.running_update_mask(*batch_moments(x, serial=True), on_nonfinite)
         if numpy_running:  # rare: the moments again, bitwise the kernel's
-            mu, m2 = _serial_moments(x)
+            mu, m2 = batch_moments(x, serial=True)
     else:
         mu = np.empty(C)
         m2 = np.empty(C)
