@@ -99,7 +99,7 @@ def _parts(shape, axis):
     inner = int(np.prod(shape[axis + 1:]))
     if inner > 1:
         return stats.planar_parts(outer, shape[axis], inner)
-    return stats.interleaved_parts(outer, shape[axis])
+    return stats.interleaved_split(outer, shape[axis])[1]
 
 
 def test_cases_split_into_parts(monkeypatch):

@@ -403,7 +403,7 @@ def _parts(shape):
 
     if len(shape) == 3:
         return stats.planar_parts(*shape)
-    return stats.interleaved_parts(*shape)
+    return stats.interleaved_split(*shape)[1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -84,11 +84,26 @@ def normalize_serial_planar(x, center, scale, shift, out):
 
 
 @njit(cache=True)
-def normalize_serial_interleaved(x, wide, center, scale, shift, out):
+def _normalize_table(x, wide, coef, out):
+    """``normalize_serial_interleaved`` with ``coef``: center, scale and shift
+    tiled for the wide rows, shape ``(3, wide*C)``; its first C columns serve the
+    leftover narrow rows."""
+    C = x.shape[1]
     ow = x.shape[0] // wide
-    _normalize_rows(stats.widen(x, wide), 0, ow, stats.tile(center, wide),
-                    stats.tile(scale, wide), stats.tile(shift, wide), stats.widen(out, wide))
-    _normalize_rows(x, ow * wide, x.shape[0], center, scale, shift, out)
+    _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2],
+                    stats.widen(out, wide))
+    _normalize_rows(x, ow * wide, x.shape[0], coef[0, :C], coef[1, :C], coef[2, :C], out)
+
+
+@njit(cache=True)
+def normalize_serial_interleaved(x, wide, center, scale, shift, out):
+    C = center.size
+    coef = np.empty((3, wide * C))
+    for j in range(wide):
+        coef[0, j * C:(j + 1) * C] = center
+        coef[1, j * C:(j + 1) * C] = scale
+        coef[2, j * C:(j + 1) * C] = shift
+    _normalize_table(x, wide, coef, out)
 
 
 @njit(parallel=True, cache=True)
@@ -183,19 +198,14 @@ def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias,
     stats.channel_stats_interleaved_serial(x, wide, parts, block, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False
-    # center, scale, shift tiled for the wide rows in one table; its first C
-    # columns serve the leftover narrow rows (one allocation instead of five).
-    coef = np.empty((3, wide * C))
+    coef = np.empty((3, wide * C))  # one table instead of five arrays
     for c in range(C):
         s, b = scale_shift(c, outer, eps, mu[c], m2[c], weight, bias)
         for j in range(wide):
             coef[0, j * C + c] = mu[c]
             coef[1, j * C + c] = s
             coef[2, j * C + c] = b
-    ow = outer // wide
-    _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2],
-                    stats.widen(out, wide))
-    _normalize_rows(x, ow * wide, outer, coef[0, :C], coef[1, :C], coef[2, :C], out)
+    _normalize_table(x, wide, coef, out)
     finish_train(mu, m2, outer, eps, momentum, mean_out, invstd_out, running_mean,
                  running_var, _keep(mu, m2, policy))
     return True

@@ -72,7 +72,8 @@ def _param_as_is(a):
 
 
 def _parts(x):
-    return stats.planar_parts(*x.shape) if x.ndim == 3 else stats.interleaved_parts(*x.shape)
+    """Parts per channel of a planar reduction (interleaved ones: ``stats.interleaved_split``)."""
+    return stats.planar_parts(*x.shape)
 
 
 def _fused(x, itemsize):
@@ -227,8 +228,8 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
         if training and planar:
             bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
         elif training:
-            bwd.grad_input_interleaved(dy, x, stats.wide_rows(C), mu, s / n,
-                                       sx * inv * inv / n, k, grad_input)
+            bwd.grad_input_interleaved(dy, x, wide, mu, s / n, sx * inv * inv / n, k,
+                                       grad_input)
         else:
             zeros = np.zeros(C)
             normalize(dy, zeros, k, zeros, grad_input)

@@ -1,7 +1,7 @@
 """Per-channel batch statistics: blocked two-pass moments, Chan-merged in float64.
 
 A channel's ``n`` values (in their logical order) are split into ``parts``
-equal ranges (``planar_parts``/``interleaved_parts``: a function of the shape
+equal ranges (``planar_parts``/``interleaved_split``: a function of the shape
 only), and a part is walked in cache blocks of ``block`` elements
 (``config.BLOCK``).  Each block is summed, then its squared deviations from the
 block mean are summed while it is still in cache, and the block's exact
@@ -74,11 +74,6 @@ def _split(outer, C, wide_row, min_part, target_tasks):
     rows = outer // k
     most = max(1, (rows * k * C) // min_part)
     return k, max(1, min(target_tasks, most, rows))
-
-
-def interleaved_parts(outer, C):
-    """Ranges of wide rows (``wide_rows``) for an interleaved reduction."""
-    return interleaved_split(outer, C)[1]
 
 
 @njit(cache=True)
