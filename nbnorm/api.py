@@ -171,11 +171,7 @@ def _writable(a, name, shape, dtype, dev):
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     if not a.dtype.isnative:  # before the dtype: '>f4' is not "the wrong dtype"
         raise TypeError(f"{name} must be in native byte order, got dtype {a.dtype.str}")
-    if dtype is None:
-        if a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
-    elif a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {a.dtype}")
+    _check_out_dtype(a.dtype, name, dtype)
     flags = a.flags
     if not flags.writeable:
         raise ValueError(f"{name} is read-only")
@@ -186,17 +182,22 @@ def _writable(a, name, shape, dtype, dev):
     return a
 
 
+def _check_out_dtype(dt, name, dtype):
+    """An output's dtype ``dt``: ``dtype`` exactly, or any float where ``dtype`` is None."""
+    if dtype is None:
+        if dt.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {dt}")
+    elif dt != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {dt}")
+
+
 def _writable_device(a, name, shape, dtype):
     """``_writable`` for a device array; returns the caller's object."""
     ops = _dev_ops()
     d = ops.asarray(a)
     if tuple(d.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(d.shape)}")
-    if dtype is None:
-        if d.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {d.dtype}")
-    elif d.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {d.dtype}")
+    _check_out_dtype(d.dtype, name, dtype)
     if ops.readonly(a):
         raise ValueError(f"{name} is read-only")
     if ops.overlaps_itself(d):

@@ -394,14 +394,8 @@ def channel_stats_interleaved(x, wide, parts, block, mean_out, m2_out, work):
     -> 0.6-0.8 copy-times with a kept buffer).
     """
     xw = widen(x, wide)
-    ow, W = xw.shape
-    step = -(-ow // parts)
-    brows = max(1, block // W)
     for p in prange(parts):
-        r0 = min(ow, p * step)
-        r1 = min(ow, r0 + step)
-        interleaved_part_moments(xw, r0, r1, brows, work[p, 0], work[p, 1],
-                                 work[p, 2], work[p, 3])
+        _interleaved_part(xw, p, parts, block, work[p])
     _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
 
 
@@ -409,13 +403,19 @@ def channel_stats_interleaved(x, wide, parts, block, mean_out, m2_out, work):
 def channel_stats_interleaved_serial(x, wide, parts, block, mean_out, m2_out):
     """``channel_stats_interleaved`` on the calling thread (small batches)."""
     xw = widen(x, wide)
-    ow, W = xw.shape
-    step = -(-ow // parts)
-    brows = max(1, block // W)
-    work = np.empty((parts, 4, W))
+    work = np.empty((parts, 4, xw.shape[1]))
     for p in range(parts):
-        r0 = min(ow, p * step)
-        r1 = min(ow, r0 + step)
-        interleaved_part_moments(xw, r0, r1, brows, work[p, 0], work[p, 1],
-                                 work[p, 2], work[p, 3])
+        _interleaved_part(xw, p, parts, block, work[p])
     _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
+
+
+@njit(cache=True)
+def _interleaved_part(xw, p, parts, block, work):
+    """Part ``p`` of ``parts`` of the wide rows ``xw``: its (mean, M2) into
+    ``work[0]``, ``work[1]`` (``work[2:4]``: scratch)."""
+    ow = xw.shape[0]
+    step = -(-ow // parts)
+    r0 = min(ow, p * step)
+    r1 = min(ow, r0 + step)
+    interleaved_part_moments(xw, r0, r1, max(1, block // xw.shape[1]), work[0], work[1],
+                             work[2], work[3])
