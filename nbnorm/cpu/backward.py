@@ -168,9 +168,11 @@ def backward_reduce_interleaved(dy, x, mean, wide, parts, sum_dy_out, sum_dy_xmu
 
 @njit(cache=True, inline="always")
 def grad_coeffs(c, n, s, sx, inv, weight):
-    """``(a, b, k)`` of ``dx = k * (dy - a - (x - mean) * b)``; ``ops`` computes the
-    same expressions with NumPy."""
-    k = inv * weight[c] if weight.size else inv
+    """``(a, b, k)`` of ``dx = k * (dy - a - (x - mean) * b)`` in float64, for any
+    float dtype of ``inv`` and ``weight``; ``ops`` computes the same expressions
+    with NumPy."""
+    inv = np.float64(inv)
+    k = inv * np.float64(weight[c]) if weight.size else inv
     return s / n, sx * inv * inv / n, k
 
 
@@ -249,7 +251,7 @@ def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_
     then its ``dx`` while the channel is still in cache.  Inference mode
     (``training=False``) writes ``dx = dy * invstd * weight``."""
     outer, C, inner = x.shape
-    m = mean[c]
+    m = np.float64(mean[c])
     s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
     sum_dy_out[c] = s
     sum_dy_xmu_out[c] = sx
@@ -270,19 +272,34 @@ def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_
 
 
 @njit(cache=True)
-def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx,
-                           sum_dy_out, sum_dy_xmu_out):
-    """Backward of ``x[outer, C, inner]`` on the calling thread."""
-    for c in range(x.shape[1]):
-        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_out,
-                        sum_dy_xmu_out)
+def _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias):
+    """``grad_weight = sx * invstd`` and ``grad_bias = s``, as ``ops.backward``
+    computes them with NumPy (float64, rounded once to the outputs' dtype)."""
+    for c in range(s.size):
+        grad_weight[c] = sx[c] * np.float64(invstd[c])
+        grad_bias[c] = s[c]
+
+
+@njit(cache=True)
+def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx, grad_weight,
+                           grad_bias):
+    """A whole backward call for a small ``x[outer, C, inner]`` on the calling
+    thread, in one Numba call (``mean``, ``invstd``, ``weight`` of any float dtype)."""
+    C = x.shape[1]
+    s = np.empty(C)
+    sx = np.empty(C)
+    for c in range(C):
+        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, s, sx)
+    _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias)
 
 
 @njit(cache=True)
 def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, training, dx,
-                                sum_dy_out, sum_dy_xmu_out):
-    """Backward of ``x[outer, C]`` on the calling thread."""
+                                grad_weight, grad_bias):
+    """``backward_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
+    sum_dy_out = np.empty(C)
+    sum_dy_xmu_out = np.empty(C)
     dyw = widen(dy, wide)
     xw = widen(x, wide)
     mw = tile(mean, wide)
@@ -307,3 +324,4 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx)
+    _weight_bias_grads(sum_dy_out, sum_dy_xmu_out, invstd, grad_weight, grad_bias)

@@ -120,7 +120,7 @@ def normalize(x, center, scale, shift, out):
 
 
 def _scale_shift(inv, w, b, C):
-    """What ``forward.scale_shift`` computes, for all channels."""
+    """What ``forward.affine`` computes, for all channels."""
     return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
 
 
@@ -188,6 +188,14 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
 @serialized
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
     C = x.shape[1]
+    if x.size <= config.SERIAL_MAX:  # one kernel call: ~4 us less than the NumPy below
+        args = (eps, _param_as_is(weight), _param_as_is(bias), _param_as_is(running_mean),
+                _param_as_is(running_var), out, mean, invstd)
+        if x.ndim == 3:
+            fwd.infer_serial_planar(x, *args)
+        else:
+            fwd.infer_serial_interleaved(x, stats.wide_rows(C), *args)
+        return
     # Contiguous: strided running stats must not compile another kernel signature.
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
     inv = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
@@ -201,21 +209,23 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
 def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
     C = x.shape[1]
     n = x.size // C
+    planar = x.ndim == 3
+    if x.size <= config.SERIAL_MAX:  # one kernel call, gradients of weight and bias too
+        args = (_param_as_is(mean), _param_as_is(invstd), _param_as_is(weight))
+        if planar:
+            bwd.backward_serial_planar(dy, x, *args, _parts(x), bool(training), grad_input,
+                                       grad_weight, grad_bias)
+        else:
+            wide, parts = stats.interleaved_split(*x.shape)
+            bwd.backward_serial_interleaved(dy, x, *args, wide, parts, bool(training),
+                                            grad_input, grad_weight, grad_bias)
+        return
     mu = _param(mean)
     inv = _param(invstd)
     w = _param(weight)
     s = np.empty(C)
     sx = np.empty(C)
-    planar = x.ndim == 3
-    if x.size <= config.SERIAL_MAX:
-        if planar:
-            bwd.backward_serial_planar(dy, x, mu, inv, w, _parts(x), bool(training),
-                                       grad_input, s, sx)
-        else:
-            wide, parts = stats.interleaved_split(*x.shape)
-            bwd.backward_serial_interleaved(dy, x, mu, inv, w, wide, parts, bool(training),
-                                            grad_input, s, sx)
-    elif training and planar and _fused(x, x.itemsize * 2):
+    if training and planar and _fused(x, x.itemsize * 2):
         bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx)
     else:
         if planar:
