@@ -1,4 +1,5 @@
-"""Device functions shared by the kernels: Chan's merge and block reductions.
+"""Device functions shared by the kernels: Chan's merge, block reductions, and
+the stepping of a thread through a planar channel's runs.
 
 The block reductions come from a factory, ``reducers(tpb, shuffle)``, because
 their shared-memory buffers need the block size as a compile-time constant and
@@ -29,6 +30,27 @@ def _simulator():
 #: Options of small device functions: inlined into the kernel (their arguments
 #: include register arrays), except on the simulator, whose jit has no such option.
 INLINE = {} if _simulator() else {"forceinline": True}
+
+
+@cuda.jit(device=True, **INLINE)
+def run_position(j, inner, tpb):
+    """``(o, i, do, di)``: element ``j`` of a planar channel is ``x[o, c, i]``, and
+    ``run_step`` moves it ``tpb`` elements on by adding ``(do, di)``."""
+    o = j // inner
+    do = tpb // inner
+    return o, j - o * inner, do, tpb - do * inner
+
+
+@cuda.jit(device=True, **INLINE)
+def run_step(o, i, do, di, inner):
+    """``(o, i)`` of the element ``tpb`` after ``x[o, c, i]`` (see ``run_position``):
+    additions only, since a 64-bit division costs ~100 instructions on a GPU."""
+    o += do
+    i += di
+    if i >= inner:
+        i -= inner
+        o += 1
+    return o, i
 
 
 def use_shuffle():

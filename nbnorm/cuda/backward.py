@@ -11,7 +11,7 @@ import functools
 
 from numba import cuda, float64
 
-from ._device import reducers
+from ._device import reducers, run_position, run_step
 from .forward import (elementwise_grid, grid_stride_interleaved, grid_stride_planar,
                       step_interleaved, step_planar)
 
@@ -30,11 +30,8 @@ def kernels(tpb, shuffle, unroll):
         p = b - c * parts
         t = cuda.threadIdx.x
         j1 = min(n_all, (p + 1) * step)
-        do = tpb // inner
-        di = tpb - do * inner
         j = p * step + t
-        o = j // inner
-        i = j - o * inner
+        o, i, do, di = run_position(j, inner, tpb)
         mu = float(mean[c])
         s = 0.0
         sx = 0.0
@@ -43,11 +40,7 @@ def kernels(tpb, shuffle, unroll):
             s += g
             sx += g * (float(x[o, c, i]) - mu)
             j += tpb
-            o += do
-            i += di
-            if i >= inner:
-                i -= inner
-                o += 1
+            o, i = run_step(o, i, do, di, inner)
         sa = cuda.shared.array(tpb, float64)
         sb = cuda.shared.array(tpb, float64)
         s, sx = block_sum2(s, sx, t, 1, sa, sb)

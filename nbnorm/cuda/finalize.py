@@ -40,6 +40,23 @@ def _merged(partials, c):
     return m, q
 
 
+@cuda.jit(device=True)
+def _write_normalize(c, m, inv, weight, bias, flags, mean_out, invstd_out, coef):
+    """``mean_out``, ``invstd_out`` and ``coef`` = (center, scale, shift) of channel
+    ``c`` with mean ``m`` and ``invstd`` ``inv``: what ``normalize`` reads."""
+    w = 1.0
+    if flags & HAS_WEIGHT:
+        w = float(weight[c])
+    b = 0.0
+    if flags & HAS_BIAS:
+        b = float(bias[c])
+    coef[0, c] = m
+    coef[1, c] = inv * w
+    coef[2, c] = b
+    mean_out[c] = m
+    invstd_out[c] = inv
+
+
 @cuda.jit
 def merge_stats(partials, moments):
     """``moments[:, c]`` = float64 (mean, M2) of channel ``c``."""
@@ -60,17 +77,7 @@ def finalize_train(partials, n, eps, momentum, weight, bias, running_mean, runni
         return
     m, q = _merged(partials, c)
     inv = 1.0 / math.sqrt(q / n + eps)
-    w = 1.0
-    if flags & HAS_WEIGHT:
-        w = float(weight[c])
-    b = 0.0
-    if flags & HAS_BIAS:
-        b = float(bias[c])
-    coef[0, c] = m
-    coef[1, c] = inv * w
-    coef[2, c] = b
-    mean_out[c] = m
-    invstd_out[c] = inv
+    _write_normalize(c, m, inv, weight, bias, flags, mean_out, invstd_out, coef)
     if flags & HAS_RUNNING:
         if (flags & SKIP_NONFINITE) and not (finite(m) and finite(q)):
             return
@@ -87,19 +94,9 @@ def finalize_infer(running_mean, running_var, eps, weight, bias, flags,
     c = cuda.grid(1)
     if c >= mean_out.shape[0]:
         return
-    m = float(running_mean[c])
     inv = 1.0 / math.sqrt(float(running_var[c]) + eps)
-    w = 1.0
-    if flags & HAS_WEIGHT:
-        w = float(weight[c])
-    b = 0.0
-    if flags & HAS_BIAS:
-        b = float(bias[c])
-    coef[0, c] = m
-    coef[1, c] = inv * w
-    coef[2, c] = b
-    mean_out[c] = m
-    invstd_out[c] = inv
+    _write_normalize(c, float(running_mean[c]), inv, weight, bias, flags, mean_out,
+                     invstd_out, coef)
 
 
 @cuda.jit

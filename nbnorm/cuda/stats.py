@@ -24,7 +24,7 @@ import functools
 from numba import cuda, float64
 
 from .. import config
-from ._device import INLINE, column_width, merge, reducers
+from ._device import INLINE, column_width, merge, reducers, run_position, run_step
 
 
 def _split(n, want):
@@ -80,13 +80,8 @@ def kernels(tpb, shuffle, unroll):
         p = b - c * parts
         t = cuda.threadIdx.x
         j1 = min(n_all, (p + 1) * step)
-        # Element j of the channel is x[o, c, i] with o, i = divmod(j, inner);
-        # stepping j by tpb steps (o, i) by divmod(tpb, inner), no division per element.
-        do = tpb // inner
-        di = tpb - do * inner
         j = p * step + t
-        o = j // inner
-        i = j - o * inner
+        o, i, do, di = run_position(j, inner, tpb)
         buf = cuda.local.array(unroll, float64)
         n = 0.0
         m = 0.0
@@ -96,21 +91,13 @@ def kernels(tpb, shuffle, unroll):
                 for u in range(unroll):
                     buf[u] = x[o, c, i]
                     j += tpb
-                    o += do
-                    i += di
-                    if i >= inner:
-                        i -= inner
-                        o += 1
+                    o, i = run_step(o, i, do, di, inner)
                 bm, bq = block_moments(buf)
                 n, m, q = merge(n, m, q, float(unroll), bm, bq)
             else:  # the last few values: Welford's update, a merge of one
                 n, m, q = merge(n, m, q, 1.0, float(x[o, c, i]), 0.0)
                 j += tpb
-                o += do
-                i += di
-                if i >= inner:
-                    i -= inner
-                    o += 1
+                o, i = run_step(o, i, do, di, inner)
         sn = cuda.shared.array(tpb, float64)
         sm = cuda.shared.array(tpb, float64)
         sq = cuda.shared.array(tpb, float64)
