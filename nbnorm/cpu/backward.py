@@ -298,8 +298,8 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
                                 grad_weight, grad_bias):
     """``backward_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
-    sum_dy_out = np.empty(C)
-    sum_dy_xmu_out = np.empty(C)
+    s = np.empty(C)
+    sx = np.empty(C)
     dyw = widen(dy, wide)
     xw = widen(x, wide)
     mw = tile(mean, wide)
@@ -309,13 +309,12 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     for p in range(parts):
         r0 = min(ow, p * step)
         _rows_dual_sum(dyw, xw, r0, min(ow, r0 + step), mw, work[p, 0], work[p, 1])
-    _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out)
+    _finish_interleaved(dy, x, mean, wide, work, s, sx)
     a = np.empty(C)
     b = np.empty(C)
     k = np.empty(C)
     for c in range(C):
-        a[c], b[c], k[c] = grad_coeffs(c, outer, sum_dy_out[c], sum_dy_xmu_out[c],
-                                       invstd[c], weight)
+        a[c], b[c], k[c] = grad_coeffs(c, outer, s[c], sx[c], invstd[c], weight)
     if training:
         q, r = _affine_coeffs(mean, a, b, k)
         _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
@@ -324,4 +323,4 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx)
-    _weight_bias_grads(sum_dy_out, sum_dy_xmu_out, invstd, grad_weight, grad_bias)
+    _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias)
