@@ -270,3 +270,26 @@ def test_wide_rows(rng, monkeypatch, path, C, training, dtype):
         _check(nbnorm.backward(dy, x, mean, invstd, w, training=training), exp, dtype)
         res = nbnorm.backward(dy, x, mean, invstd, w, training=training, grad_input=dy)
         _check(res, exp, dtype)
+
+
+@pytest.mark.parametrize("pdtype", [np.float16, np.float32, np.float64, np.longdouble],
+                         ids=["float16", "float32", "float64", "longdouble"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("shape,axis", [((16, 5), 1), ((3, 4, 5, 6), 1), ((3, 5, 4, 6), -1)],
+                         ids=["NC", "NCHW", "NHWC"])
+def test_parameters_of_any_float_dtype(rng, monkeypatch, shape, axis, path, training, dtype,
+                                       pdtype):
+    """backward reads mean, invstd and weight in float64 whatever their float dtype
+    (the serial kernels take float32/float64 ones as they are): the gradients are
+    bitwise those of the same values passed as float64."""
+    use_path(monkeypatch, path)
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
+    params = [a.astype(pdtype) for a in (mean, invstd, w)]
+    got = nbnorm.backward(dy, x, *params, training=training, axis=axis)
+    exp = nbnorm.backward(dy, x, *[a.astype(np.float64) for a in params], training=training,
+                          axis=axis)
+    for name, a, e in zip(got._fields, got, exp):
+        assert_same(a, e, name)
+    _check(got, reference.backward(dy, x, *params, training=training, axis=axis), dtype)

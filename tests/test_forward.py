@@ -533,3 +533,26 @@ def test_running_stats_of_other_float_dtypes(rng, shape, axis, rdtype, policy):
     if policy == "skip":
         assert_same(rm[~good], rm0[~good], "skipped running_mean")
         assert_same(rv[~good], rv0[~good], "skipped running_var")
+
+
+@pytest.mark.parametrize("pdtype", [np.float16, np.float32, np.float64, np.longdouble],
+                         ids=["float16", "float32", "float64", "longdouble"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("shape,axis", [((16, 5), 1), ((3, 4, 5, 6), 1), ((3, 5, 4, 6), -1)],
+                         ids=["NC", "NCHW", "NHWC"])
+def test_inference_parameters_of_any_float_dtype(rng, monkeypatch, shape, axis, path, dtype,
+                                                 pdtype):
+    """Inference reads weight, bias and the running statistics in float64 whatever
+    their float dtype (the serial kernel takes float32/float64 ones as they are):
+    the outputs are bitwise those of the same values passed as float64."""
+    use_path(monkeypatch, path)
+    x, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "infer")
+    params = [a.astype(pdtype) for a in (w, b, rm, rv)]
+    got = nbnorm.forward(x, *params, training=False, axis=axis)
+    exp = nbnorm.forward(x, *[a.astype(np.float64) for a in params], training=False,
+                         axis=axis)
+    for name, a, e in zip(got._fields, got, exp):
+        assert_same(a, e, name)
+    assert_close(got.out, reference.forward(x, *params, training=False, axis=axis).out,
+                 REF_TOL[np.dtype(dtype)])
