@@ -279,27 +279,40 @@ def run_case(name, shape, axis, dtype, rounds, torch, rng, inner=1):
     return rows
 
 
-def small_call(torch, rounds, number):
-    """Microseconds per call of a (32, 64) float32 forward-train, nothing
-    preallocated: (nbnorm, torch or nan, error)."""
+def small_calls(torch, rounds, number):
+    """Microseconds per call of each kernel on a (32, 64) float32 batch with nothing
+    preallocated (weight, bias and running statistics given), nbnorm and torch
+    alternating round by round: ``[(kernel, nbnorm, torch or nan, error)]``."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
+    dy = rng.standard_normal(SMALL_SHAPE, dtype=np.float32)
     C = SMALL_SHAPE[1]
-    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
-    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    res = nbnorm.forward(x, w, b, rm.copy(), rv.copy())
-    err = _rel_err(res.out, reference.forward(x, w, b).out)
-    fns = [lambda: nbnorm.forward(x, w, b, rm, rv)]
-    if torch is not None:
-        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
-        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-        fns.append(lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True))
-    us = [[] for _ in fns]
-    for _ in range(rounds):
-        for k, f in enumerate(fns):
-            us[k].append(_per_call(f, number) * 1e6)
-    med = [float(np.median(u)) for u in us]
-    return med[0], (med[1] if torch is not None else float("nan")), err
+    w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
+    rm, rv = rng.uniform(-1, 1, C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    eps = 1e-5
+    params = (w, b, rm, rv, eps)
+    fwd = nbnorm.forward(x, w, b, eps=eps)
+    nb = {
+        "forward-train": lambda: nbnorm.forward(x, w, b, rm, rv, eps=eps),
+        "forward-infer": lambda: nbnorm.forward(x, w, b, rm, rv, training=False, eps=eps),
+        "backward-train": lambda: nbnorm.backward(dy, x, fwd.mean, fwd.invstd, w),
+    }
+    err = {"forward-train": _check_forward(True, x, 1, params, nb["forward-train"]()),
+           "forward-infer": _check_forward(False, x, 1, params, nb["forward-infer"]()),
+           "backward-train": _check_backward(x, dy, 1, fwd.mean, fwd.invstd, w,
+                                             nb["backward-train"]())}
+    tfns = _torch_fns(torch, x, dy, 1, params) if torch is not None else None
+    rows = []
+    for kernel in KERNELS:
+        fns = [nb[kernel]] + ([tfns[kernel][0]] if tfns is not None else [])
+        us = [[] for _ in fns]
+        for _ in range(rounds):
+            for k, f in enumerate(fns):
+                us[k].append(_per_call(f, number) * 1e6)
+        med = [float(np.median(u)) for u in us]
+        rows.append((kernel, med[0], med[1] if tfns is not None else float("nan"),
+                     err[kernel]))
+    return rows
 
 
 # ------------------------------------------------------------------- output
@@ -366,7 +379,7 @@ def main(argv=None):
         for name, shape, axis in shapes:
             rows += run_case(name, shape, axis, dtype, rounds, torch, rng,
                              inner=5 if args.quick else 3)
-    small_nb, small_t, small_err = small_call(torch, rounds, 200 if args.quick else 2000)
+    small = small_calls(torch, rounds, 200 if args.quick else 2000)
     floor_rows = {dtype: floors(shapes, dtype, rounds, rng) for dtype in dtypes}
 
     print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
@@ -375,15 +388,19 @@ def main(argv=None):
           "timed in the same round (lower is better); outputs preallocated; torch in its "
           "faster layout.\n")
     print(format_rows(rows))
-    small_ok = small_err <= TOL[np.dtype(np.float32)]
-    ratio = small_nb / small_t if small_t == small_t else float("nan")
-    print(f"\nsmall call: forward-train {SMALL_SHAPE} float32, nothing preallocated: "
-          f"nbnorm {small_nb:.1f} us, torch {_fmt(small_t, '{:.1f}')} us, "
-          f"nbnorm/torch {_fmt(ratio)}  {'ok' if small_ok else 'FAILED'} ({small_err:.1e})")
+    print(f"\nsmall calls, {SMALL_SHAPE} float32, nothing preallocated "
+          "(microseconds per call; per-call overhead, not memory):")
+    small_failed = []
+    for kernel, us_nb, us_t, err in small:
+        ok = err <= TOL[np.dtype(np.float32)]
+        if not ok:
+            small_failed.append(f"small {kernel}")
+        print(f"small call {kernel:<15} nbnorm {us_nb:5.1f}  torch {_fmt(us_t, '{:5.1f}')}  "
+              f"nbnorm/torch {_fmt(us_nb / us_t)}  {'ok' if ok else 'FAILED'} ({err:.1e})")
     print()
     for dtype in dtypes:
         print(format_floors(dtype, floor_rows[dtype]))
-    failed = [r for r in rows if not r.ok] + ([] if small_ok else ["small call"])
+    failed = [r for r in rows if not r.ok] + small_failed
     if failed:
         print(f"\n{len(failed)} check(s) FAILED against nbnorm.reference", file=sys.stderr)
         return 1

@@ -37,7 +37,11 @@ def test_selfcheck_quick_runs_and_reports_every_kernel():
             rows = [l for l in out.splitlines() if l.startswith(kernel) and f" {layout} " in l]
             assert len(rows) == 2, (kernel, layout, out)  # float32 and float64
             assert all(l.rstrip().split()[-2] == "ok" for l in rows), rows
-    assert "small call" in out and "nbnorm/copy" in out
+    assert "nbnorm/copy" in out
+    small = [l for l in out.splitlines() if l.startswith("small call ")]
+    assert [l.split()[2] for l in small] == ["forward-train", "forward-infer",
+                                             "backward-train"], out
+    assert all(l.rstrip().split()[-2] == "ok" for l in small), small
     floors = [l for l in out.splitlines() if l.startswith("memory floor")]
     assert len(floors) == 2 and all(l.count(" = ") == 3 for l in floors), floors
 
