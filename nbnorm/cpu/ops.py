@@ -110,13 +110,11 @@ def batch_moments(x, serial=False):
 
 
 def normalize(x, center, scale, shift, out):
-    serial = x.size <= config.SERIAL_MAX
+    """The parallel elementwise pass (small batches normalize inside their serial kernel)."""
     if x.ndim == 3:
-        kernel = fwd.normalize_serial_planar if serial else fwd.normalize_planar
-        kernel(x, center, scale, shift, out)
+        fwd.normalize_planar(x, center, scale, shift, out)
     else:
-        kernel = fwd.normalize_serial_interleaved if serial else fwd.normalize_interleaved
-        kernel(x, stats.wide_rows(x.shape[1]), center, scale, shift, out)
+        fwd.normalize_interleaved(x, stats.wide_rows(x.shape[1]), center, scale, shift, out)
 
 
 def _scale_shift(inv, w, b, C):
