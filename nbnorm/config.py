@@ -38,6 +38,12 @@ FUSE_MIN_C = 8
 #: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
 FUSE_MAX_BYTES = 4 << 20
 
+#: Parallel passes write outputs of at least this many bytes with streaming
+#: (non-temporal) stores, ``cpu/streaming.py``: an output this large cannot stay
+#: in cache for its reader, so its lines go straight to memory instead of being
+#: read first.  Smaller outputs keep ordinary stores and stay cached.
+STREAM_MIN_BYTES = 16 << 20
+
 #: Serialize nbnorm's CPU calls behind one process-wide lock (``cpu/threads.py``).
 #: None: only while Numba's threading layer is ``workqueue``, which aborts the
 #: process on concurrent launches, or not chosen yet.  True: always (e.g. many

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
+from . import streaming
 from .forward import _normalize_run, normalize_serial_interleaved
 from .stats import _UNROLL_MIN_C, tile, widen
 
@@ -177,8 +178,15 @@ def grad_coeffs(c, n, s, sx, inv, weight):
 
 
 @njit(cache=True)
-def _grad_run(gr, xr, yr, m, a, b, k):
-    for i in range(xr.size):
+def _grad_run(gr, xr, yr, m, a, b, k, stream):
+    """``yr = k * (gr - a - (xr - m) * b)`` for scalar coefficients; ``stream``: its
+    whole lines with streaming stores (``streaming``), the same bits."""
+    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
+    for i in range(h):
+        yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+    if e > h:
+        streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k)
+    for i in range(e, yr.size):
         yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
 
 
@@ -190,8 +198,9 @@ def _affine_coeffs(mean, a, b, k):
 
 
 @njit(cache=True)
-def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
-    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``.
+def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx, stream):
+    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``; ``stream``
+    as in ``_grad_run``.
 
     float32 data use ``k*dy + (q*x + r)``: two multiply-adds and three
     coefficient loads instead of four operations and four loads (NC 8192x1024
@@ -204,27 +213,48 @@ def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
         gr = dy[row]
         xr = x[row]
         yr = dx[row]
+        h, e = streaming.span(yr) if stream else (yr.size, yr.size)
         if x.itemsize == 4:  # a constant of the compiled signature
-            for c in range(xr.size):
+            for c in range(h):
+                yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
+            if e > h:
+                streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r)
+            for c in range(e, yr.size):
                 yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
         else:
-            for c in range(xr.size):
+            for c in range(h):
+                yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
+            if e > h:
+                streaming.grad_lines(yr, h, e, gr, xr, mean, a, b, k)
+            for c in range(e, yr.size):
                 yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
 
 
+#: Tasks of the parallel elementwise passes.
+_TASKS = 256
+
+
 @njit(parallel=True, cache=True)
-def grad_input_planar(dy, x, mean, a, b, k, dx):
-    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``."""
+def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
+    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``; ``stream``: streaming
+    stores (``streaming``), a fence at the end of each task."""
     outer, C, inner = x.shape
-    for t in prange(outer * C):
-        o, c = divmod(np.int64(t), C)
-        _grad_run(dy[o, c], x[o, c], dx[o, c], mean[c], a[c], b[c], k[c])
+    runs = outer * C
+    tasks = max(1, min(runs, _TASKS))
+    step = -(-runs // tasks)
+    for t in prange(tasks):
+        for j in range(t * step, min(runs, (t + 1) * step)):
+            o, c = divmod(np.int64(j), C)
+            _grad_run(dy[o, c], x[o, c], dx[o, c], mean[c], a[c], b[c], k[c], stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(parallel=True, cache=True)
-def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx):
+def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx, stream):
     """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``, over wide rows of
-    ``wide`` rows each (``stats.wide_rows``); ``dx`` may be ``dy``."""
+    ``wide`` rows each (``stats.wide_rows``); ``dx`` may be ``dy``; ``stream`` as
+    in ``grad_input_planar``."""
     dyw = widen(dy, wide)
     xw = widen(x, wide)
     dxw = widen(dx, wide)
@@ -236,20 +266,23 @@ def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx):
     qw = tile(q, wide)
     rw = tile(r, wide)
     ow = xw.shape[0]
-    tasks = max(1, min(ow, 256))
+    tasks = max(1, min(ow, _TASKS))
     step = -(-ow // tasks)
     for t in prange(tasks):
         r0 = min(ow, t * step)
-        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, qw, rw, dxw)
-    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, q, r, dx)
+        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, qw, rw, dxw, stream)
+        if stream:
+            streaming.fence()
+    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, q, r, dx, False)
 
 
 @njit(cache=True)
 def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_out,
-                    sum_dy_xmu_out):
+                    sum_dy_xmu_out, stream):
     """The whole backward of channel ``c`` of ``x[outer, C, inner]``: its sums,
     then its ``dx`` while the channel is still in cache.  Inference mode
-    (``training=False``) writes ``dx = dy * invstd * weight``."""
+    (``training=False``) writes ``dx = dy * invstd * weight``.  ``stream`` as in
+    ``_grad_run``."""
     outer, C, inner = x.shape
     m = np.float64(mean[c])
     s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
@@ -258,17 +291,20 @@ def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_
     a, b, k = grad_coeffs(c, outer * inner, s, sx, invstd[c], weight)
     for o in range(outer):
         if training:
-            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k)
+            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k, stream)
         else:  # the affine map's gradient: dx does not depend on x
-            _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0)
+            _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0, stream)
 
 
 @njit(parallel=True, cache=True)
-def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_out):
-    """Training-mode backward of ``x[outer, C, inner]``, one task per channel."""
+def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_out, stream):
+    """Training-mode backward of ``x[outer, C, inner]``, one task per channel;
+    ``stream`` as in ``grad_input_planar``."""
     for c in prange(x.shape[1]):
         _planar_channel(dy, x, c, mean, invstd, weight, parts, True, dx, sum_dy_out,
-                        sum_dy_xmu_out)
+                        sum_dy_xmu_out, stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(cache=True)
@@ -289,7 +325,7 @@ def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx, gra
     s = np.empty(C)
     sx = np.empty(C)
     for c in range(C):
-        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, s, sx)
+        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, s, sx, False)
     _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias)
 
 
@@ -318,8 +354,8 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     if training:
         q, r = _affine_coeffs(mean, a, b, k)
         _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
-                   tile(q, wide), tile(r, wide), widen(dx, wide))
-        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx)
+                   tile(q, wide), tile(r, wide), widen(dx, wide), False)
+        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx, False)
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx)

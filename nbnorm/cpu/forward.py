@@ -14,16 +14,16 @@ parallel launch costs more than the work.
 ``weight`` and ``bias`` are float64 arrays of length C, or of length 0 for
 "scale 1" / "shift 0".
 
-The stores are ordinary ones.  Measured and dropped: non-temporal stores for
-large outputs, which LLVM can only emit here as scalar ``movntss`` (Numba's
-loops promise no alignment), so the float32 loops stopped vectorizing
-(forward-train NCHW 1.56 -> 2.10 copy-times; README "Performance").
+The parallel passes write outputs of at least ``config.STREAM_MIN_BYTES`` with
+streaming (non-temporal) stores: ``streaming`` writes each run's aligned whole
+lines, these functions its head and tail, with the same expressions, so the
+bits do not depend on it.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from . import stats
+from . import stats, streaming
 
 
 @njit(cache=True, inline="always")
@@ -43,32 +43,56 @@ def scale_shift(c, n, eps, mu, m2, weight, bias):
 
 
 @njit(cache=True)
-def _normalize_run(xr, yr, m, s, b):
-    for i in range(xr.size):
+def _normalize_run(xr, yr, m, s, b, stream):
+    """``yr = (xr - m) * s + b`` for scalars ``m``, ``s``, ``b``; ``stream``: its
+    whole lines with streaming stores (``streaming``), the same bits."""
+    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
+    for i in range(h):
+        yr[i] = (np.float64(xr[i]) - m) * s + b
+    if e > h:
+        streaming.affine_lines(yr, h, e, xr, m, s, b)
+    for i in range(e, yr.size):
         yr[i] = (np.float64(xr[i]) - m) * s + b
 
 
 @njit(cache=True)
-def _normalize_rows(x, r0, r1, center, scale, shift, out):
+def _normalize_rows(x, r0, r1, center, scale, shift, out, stream):
+    """``_normalize_run`` of rows ``[r0, r1)``, per-column ``center``, ``scale``, ``shift``."""
     for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
-        for c in range(xr.size):
+        h, e = streaming.span(yr) if stream else (yr.size, yr.size)
+        for c in range(h):
+            yr[c] = (np.float64(xr[c]) - center[c]) * scale[c] + shift[c]
+        if e > h:
+            streaming.affine_lines(yr, h, e, xr, center, scale, shift)
+        for c in range(e, yr.size):
             yr[c] = (np.float64(xr[c]) - center[c]) * scale[c] + shift[c]
 
 
+#: Tasks of the parallel elementwise passes.
+_TASKS = 256
+
+
 @njit(parallel=True, cache=True)
-def normalize_planar(x, center, scale, shift, out):
+def normalize_planar(x, center, scale, shift, out, stream):
+    """``stream``: streaming stores (``streaming``), a fence at the end of each task."""
     outer, C, inner = x.shape
-    for t in prange(outer * C):
-        o, c = divmod(np.int64(t), C)
-        _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c])
+    runs = outer * C
+    tasks = max(1, min(runs, _TASKS))
+    step = -(-runs // tasks)
+    for t in prange(tasks):
+        for j in range(t * step, min(runs, (t + 1) * step)):
+            o, c = divmod(np.int64(j), C)
+            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c], stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(parallel=True, cache=True)
-def normalize_interleaved(x, wide, center, scale, shift, out):
+def normalize_interleaved(x, wide, center, scale, shift, out, stream):
     """``x`` viewed as wide rows of ``wide`` rows each (``stats.wide_rows``);
-    ``out`` may be ``x``."""
+    ``out`` may be ``x``; ``stream`` as in ``normalize_planar``."""
     # Measured and dropped: walking the row ranges backwards, to find the rows the
     # statistics pass read last still in L3, was slower (NHWC float32 forward
     # training 1.63 -> 2.00 copy-times, NC 2.6 -> 2.9; same run, interleaved).
@@ -78,12 +102,14 @@ def normalize_interleaved(x, wide, center, scale, shift, out):
     sw = stats.tile(scale, wide)
     bw = stats.tile(shift, wide)
     ow = xw.shape[0]
-    tasks = max(1, min(ow, 256))
+    tasks = max(1, min(ow, _TASKS))
     step = -(-ow // tasks)
     for t in prange(tasks):
         r0 = min(ow, t * step)
-        _normalize_rows(xw, r0, min(ow, r0 + step), cw, sw, bw, yw)
-    _normalize_rows(x, ow * wide, x.shape[0], center, scale, shift, out)
+        _normalize_rows(xw, r0, min(ow, r0 + step), cw, sw, bw, yw, stream)
+        if stream:
+            streaming.fence()
+    _normalize_rows(x, ow * wide, x.shape[0], center, scale, shift, out, False)
 
 
 @njit(cache=True)
@@ -91,7 +117,7 @@ def normalize_serial_planar(x, center, scale, shift, out):
     outer, C, inner = x.shape
     for o in range(outer):
         for c in range(C):
-            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c])
+            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c], False)
 
 
 @njit(cache=True)
@@ -102,8 +128,9 @@ def _normalize_table(x, wide, coef, out):
     C = x.shape[1]
     ow = x.shape[0] // wide
     _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2],
-                    stats.widen(out, wide))
-    _normalize_rows(x, ow * wide, x.shape[0], coef[0, :C], coef[1, :C], coef[2, :C], out)
+                    stats.widen(out, wide), False)
+    _normalize_rows(x, ow * wide, x.shape[0], coef[0, :C], coef[1, :C], coef[2, :C], out,
+                    False)
 
 
 @njit(cache=True)
@@ -118,8 +145,9 @@ def normalize_serial_interleaved(x, wide, center, scale, shift, out):
 
 
 @njit(parallel=True, cache=True)
-def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out):
-    """Statistics and normalization of ``x[outer, C, inner]``, one task per channel."""
+def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out, stream):
+    """Statistics and normalization of ``x[outer, C, inner]``, one task per channel;
+    ``stream`` as in ``normalize_planar``."""
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
@@ -128,7 +156,9 @@ def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out):
         m2_out[c] = m2
         s, b = scale_shift(c, n, eps, mu, m2, weight, bias)
         for o in range(outer):
-            _normalize_run(x[o, c], out[o, c], mu, s, b)
+            _normalize_run(x[o, c], out[o, c], mu, s, b, stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(cache=True)
@@ -227,7 +257,7 @@ def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, ou
     for c in range(C):
         s, b = scale_shift(c, n, eps, mu[c], m2[c], weight, bias)
         for o in range(outer):
-            _normalize_run(x[o, c], out[o, c], mu[c], s, b)
+            _normalize_run(x[o, c], out[o, c], mu[c], s, b, False)
     finish_train(mu, m2, n, eps, momentum, mean_out, invstd_out, running_mean, running_var,
                  _keep(mu, m2, policy))
     return True

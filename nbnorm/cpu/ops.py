@@ -109,12 +109,19 @@ def batch_moments(x, serial=False):
     return mean, m2
 
 
+def _stream(out):
+    """Whether a parallel pass writes ``out`` with streaming stores (``streaming``):
+    when it is too large to stay in cache for its reader anyway."""
+    return out.nbytes >= config.STREAM_MIN_BYTES
+
+
 def normalize(x, center, scale, shift, out):
     """The parallel elementwise pass (small batches normalize inside their serial kernel)."""
     if x.ndim == 3:
-        fwd.normalize_planar(x, center, scale, shift, out)
+        fwd.normalize_planar(x, center, scale, shift, out, _stream(out))
     else:
-        fwd.normalize_interleaved(x, stats.wide_rows(x.shape[1]), center, scale, shift, out)
+        fwd.normalize_interleaved(x, stats.wide_rows(x.shape[1]), center, scale, shift, out,
+                                  _stream(out))
 
 
 def _scale_shift(inv, w, b, C):
@@ -161,7 +168,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         mu = np.empty(C)
         m2 = np.empty(C)
         if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
-            fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2)
+            fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
         else:
             mu, m2 = batch_moments(x)
             guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
@@ -224,7 +231,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     s = np.empty(C)
     sx = np.empty(C)
     if training and planar and _fused(x, x.itemsize * 2):
-        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx)
+        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
     else:
         if planar:
             bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
@@ -234,10 +241,11 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
                                             _work(parts, 2, wide * C))
         k = inv * w if w.size else inv
         if training and planar:
-            bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+            bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
+                                  _stream(grad_input))
         elif training:
             bwd.grad_input_interleaved(dy, x, wide, mu, s / n, sx * inv * inv / n, k,
-                                       grad_input)
+                                       grad_input, _stream(grad_input))
         else:
             zeros = np.zeros(C)
             normalize(dy, zeros, k, zeros, grad_input)

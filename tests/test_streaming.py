@@ -1,0 +1,267 @@
+"""Streaming (non-temporal) stores: ``nbnorm.cpu.streaming`` and the passes that use it.
+
+A streamed output must be the same bits as an ordinary one, whatever the
+alignment of the output, the length of its runs or rows and the kernel path;
+the intrinsics must compute the same float64 expressions as the scalar code
+around them, and really emit non-temporal vector stores.
+"""
+
+import platform
+
+import numpy as np
+import pytest
+from numba import njit
+
+import nbnorm
+from nbnorm import config
+from nbnorm.cpu import backward as bwd
+from nbnorm.cpu import forward as fwd
+from nbnorm.cpu import streaming
+
+from helpers import DTYPES, REF_TOL, as_memory, assert_close, assert_same, use_path
+from nbnorm import reference
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _offset_view(shape, dtype, offset, fill=np.nan):
+    """A C-contiguous array of ``shape`` that starts ``offset`` elements into its buffer."""
+    n = int(np.prod(shape))
+    return np.full(n + offset, fill, dtype)[offset:].reshape(shape)
+
+
+# ---------------------------------------------------------------------- span
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 5, 15, 16, 17, 40, 257])
+@pytest.mark.parametrize("offset", range(9))
+def test_span_is_the_whole_aligned_lines(dtype, n, offset):
+    y = _offset_view((n,), dtype, offset)
+    h, e = streaming.span(y)
+    isz = y.itemsize
+    per_line = streaming.LINE // isz
+    addr = y.ctypes.data
+    assert 0 <= h <= e <= n
+    assert (e - h) % per_line == 0
+    if e > h:
+        assert (addr + h * isz) % streaming.LINE == 0
+    assert h < per_line or h == n  # the head is less than a line...
+    assert n - e < per_line or h == n  # ...and so is the tail
+
+
+def test_span_of_an_unaligned_array_streams_nothing():
+    buf = np.zeros(8 * 40 + 1, np.uint8)
+    y = buf[1:].view(np.float64)  # 1 byte off an element boundary
+    assert y.ctypes.data % 8 != 0
+    assert streaming.span(y) == (y.size, y.size)
+
+
+# ---------------------------------------------------------------- intrinsics
+
+@njit
+def _affine_arrays(x, y, c, s, b):
+    h, e = streaming.span(y)
+    streaming.affine_lines(y, h, e, x, c, s, b)
+    streaming.fence()
+    return h, e
+
+
+@njit
+def _affine_scalars(x, y, c, s, b):
+    h, e = streaming.span(y)
+    streaming.affine_lines(y, h, e, x, c, s, b)
+    return h, e
+
+
+@njit
+def _grad(dy, x, y, m, a, b, k):
+    h, e = streaming.span(y)
+    streaming.grad_lines(y, h, e, dy, x, m, a, b, k)
+    return h, e
+
+
+@njit
+def _grad_affine(dy, x, y, k, q, r):
+    h, e = streaming.span(y)
+    streaming.grad_affine_lines(y, h, e, dy, x, k, q, r)
+    return h, e
+
+
+def _check_lines(y, expected, h, e):
+    """``y[h:e]`` is ``expected`` bit for bit; the rest (NaN-poisoned) is untouched."""
+    assert e > h  # the case streams something
+    assert_same(y[h:e], expected[h:e].astype(y.dtype))
+    assert np.isnan(y[:h]).all() and np.isnan(y[e:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_intrinsics_compute_the_scalar_expressions(rng, dtype, offset):
+    """Each intrinsic gives NumPy's float64 result of its expression, rounded once,
+    and writes nothing outside its lines."""
+    n = 203
+    x = (rng.standard_normal(n) * 3 + 1e4).astype(dtype)
+    dy = rng.standard_normal(n).astype(dtype)
+    c, s, b, a, k = rng.standard_normal((5, n))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, (x64 - c) * s + b, *_affine_arrays(x, y, c, s, b))
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, (x64 - 1e4) * 0.25 + -1.5, *_affine_scalars(x, y, 1e4, 0.25, -1.5))
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, k * (dy64 - a - (x64 - c) * b), *_grad(dy, x, y, c, a, b, k))
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, k[0] * (dy64 - a[0] - (x64 - c[0]) * b[0]),
+                 *_grad(dy, x, y, c[0], a[0], b[0], k[0]))
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, k * dy64 + (s * x64 + b), *_grad_affine(dy, x, y, k, s, b))
+
+
+@pytest.mark.skipif(not X86, reason="x86 instruction names")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
+    n = 64
+    x = np.ones(n, dtype)
+    y = np.empty(n, dtype)
+    c = np.zeros(n)
+    _affine_arrays(x, y, c, c, c)
+    _grad(x, x, y, c, c, c, c)
+    _grad_affine(x, x, y, c, c, c)
+    suffix = "ps" if dtype == np.float32 else "pd"
+
+    def asm(f):
+        """The assembly of every compiled signature of ``f`` writing ``dtype``."""
+        y_at = 1 if f is _affine_arrays else 2
+        sigs = [s for s in f.signatures if str(s[y_at].dtype) == np.dtype(dtype).name]
+        assert sigs
+        return [f.inspect_asm(s) for s in sigs]
+
+    for f in (_affine_arrays, _grad, _grad_affine):
+        for code in asm(f):  # a vector store, not scalar movnts[sd]
+            assert "movnt" + suffix in code, f
+    assert all("sfence" in code for code in asm(_affine_arrays))
+
+
+# ------------------------------------------------------------------- kernels
+
+#: (id, shape, axis), each larger than config.SERIAL_MAX so that the parallel
+#: passes run: wide rows with leftover rows (NHWC, C=70: 4 rows a wide row),
+#: long NC rows, short planar runs, and C below FUSE_MIN_C (unfused planar).
+CASES = [
+    ("NC", (300, 131), 1),
+    ("NHWC", (5, 10, 11, 70), -1),
+    ("NCHW", (4, 9, 31, 37), 1),
+    ("NCHW-C3", (16, 3, 29, 31), 1),
+]
+
+
+def _stream_all(monkeypatch, on):
+    monkeypatch.setattr(config, "STREAM_MIN_BYTES", 0 if on else 1 << 62)
+
+
+def _case(rng, shape, axis, dtype):
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.uniform(-1, 1, C).astype(dtype)
+    return x, dy, w, b
+
+
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
+@pytest.mark.parametrize("path", ["fused", "parallel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,shape,axis", CASES, ids=[c[0] for c in CASES])
+def test_streamed_passes_write_the_ordinary_bits(rng, monkeypatch, name, shape, axis, dtype,
+                                                 path, offset):
+    """Forward (training and inference) and backward (training and inference) with
+    streamed outputs, poisoned with NaN and starting ``offset`` elements off a line,
+    give the bits of ordinary stores, and match the reference."""
+    use_path(monkeypatch, path)
+    x, dy, w, b = _case(rng, shape, axis, dtype)
+    C = shape[axis]
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    tol = REF_TOL[np.dtype(dtype)]
+
+    def run(on):
+        _stream_all(monkeypatch, on)
+        out = _offset_view(shape, dtype, offset)
+        f = nbnorm.forward(x, w, b, axis=axis, out=out)
+        inf_out = _offset_view(shape, dtype, offset)
+        nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis, out=inf_out)
+        gi = _offset_view(shape, dtype, offset)
+        g = nbnorm.backward(dy, x, f.mean, f.invstd, w, axis=axis, grad_input=gi)
+        gi_inf = _offset_view(shape, dtype, offset)
+        nbnorm.backward(dy, x, f.mean, f.invstd, w, training=False, axis=axis,
+                        grad_input=gi_inf)
+        return out, inf_out, gi, g.grad_weight, g.grad_bias, gi_inf
+
+    streamed = run(True)
+    for s, o in zip(streamed, run(False)):
+        assert_same(s, o)
+    exp = reference.forward(x, w, b, axis=axis)
+    assert_close(streamed[0], exp.out, tol)
+    exp_inf = reference.forward(x, w, b, rm, rv, training=False, axis=axis)
+    assert_close(streamed[1], exp_inf.out, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,shape,axis", CASES, ids=[c[0] for c in CASES])
+def test_streamed_in_place(rng, monkeypatch, name, shape, axis, dtype):
+    """``out=x`` and ``grad_input=grad_out`` stream over their own input."""
+    use_path(monkeypatch, "parallel")
+    x, dy, w, b = _case(rng, shape, axis, dtype)
+    _stream_all(monkeypatch, False)
+    f = nbnorm.forward(x, w, b, axis=axis)
+    g = nbnorm.backward(dy, x, f.mean, f.invstd, w, axis=axis)
+    _stream_all(monkeypatch, True)
+    xi, dyi = x.copy(), dy.copy()
+    nbnorm.forward(xi, w, b, axis=axis, out=xi)
+    nbnorm.backward(dyi, x, f.mean, f.invstd, w, axis=axis, grad_input=dyi)
+    assert_same(xi, f.out)
+    assert_same(dyi, g.grad_input)
+
+
+def test_streamed_channels_last_output(rng, monkeypatch):
+    """An NCHW batch written into a channels-last ``out`` (another memory order)."""
+    use_path(monkeypatch, "parallel")
+    shape, axis = (4, 9, 31, 37), 1
+    x, dy, w, b = _case(rng, shape, axis, np.float32)
+    exp = reference.forward(x, w, b, axis=axis)
+    _stream_all(monkeypatch, True)
+    out = as_memory(np.full(shape, np.nan, np.float32), "channels_last", axis)
+    nbnorm.forward(x, w, b, axis=axis, out=out)
+    assert_close(out, exp.out, REF_TOL[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("threshold,expected", [(0, True), (1 << 62, False)])
+def test_outputs_stream_from_the_configured_size(monkeypatch, threshold, expected):
+    """``ops`` asks every parallel pass to stream exactly when the output has at
+    least ``config.STREAM_MIN_BYTES`` bytes."""
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)
+    monkeypatch.setattr(config, "STREAM_MIN_BYTES", threshold)
+    seen = {}
+
+    def spy(module, name):
+        kernel = getattr(module, name)
+
+        def wrapper(*args):
+            seen[module.__name__, name] = args[-1]
+            return kernel(*args)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in [(fwd, "normalize_planar"), (fwd, "normalize_interleaved"),
+                         (fwd, "train_planar"), (bwd, "train_planar"),
+                         (bwd, "grad_input_planar"), (bwd, "grad_input_interleaved")]:
+        spy(module, name)
+    rng = np.random.default_rng(0)
+    for shape, axis in [((40, 8, 9), 1), ((40, 2, 9), 1), ((70, 9), 1)]:
+        x = rng.standard_normal(shape)
+        f = nbnorm.forward(x, axis=axis)
+        nbnorm.forward(x, None, None, np.zeros(shape[axis]), np.ones(shape[axis]),
+                       training=False, axis=axis)
+        nbnorm.backward(x, x, f.mean, f.invstd, axis=axis)
+    monkeypatch.setattr(config, "FUSE_MIN_C", 1 << 62)
+    nbnorm.backward(x.reshape(70, 9, 1), x.reshape(70, 9, 1), f.mean, f.invstd)
+    assert seen == {key: expected for key in seen} and len(seen) == 6
