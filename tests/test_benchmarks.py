@@ -46,15 +46,17 @@ def test_selfcheck_quick_runs_and_reports_every_kernel():
     assert len(floors) == 2 and all(l.count(" = ") == 3 for l in floors), floors
 
 
-def test_memory_floor_kernels_touch_every_element(rng):
+@pytest.mark.parametrize("stream_min_bytes", [0, 1 << 62], ids=["streamed", "ordinary"])
+def test_memory_floor_kernels_touch_every_element(rng, monkeypatch, stream_min_bytes):
     """The floor measurements read (and write) every element, so their times mean
-    what the table says."""
-    from nbnorm import bench
+    what the table says, with streaming stores or without."""
+    from nbnorm import bench, config
 
+    monkeypatch.setattr(config, "STREAM_MIN_BYTES", stream_min_bytes)
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((1001, 7)).astype(dtype)
         np.testing.assert_allclose(bench.read_floor(x), x.sum(dtype=np.float64), rtol=1e-5)
-        out = np.full_like(x, np.nan)
+        out = np.full((x.size + 1,), np.nan, dtype)[1:].reshape(x.shape)  # off a line
         bench.elementwise_floor(x, out)
         np.testing.assert_array_equal(out, 2 * x)
 
