@@ -4,6 +4,9 @@ Kernels never hard-code these; tests patch them (for example the CUDA block size
 down to 32 threads on the simulator) and benchmarks sweep them.
 """
 
+import glob
+import os
+
 #: Elements reduced as one two-pass cache block (sum, then squared deviations
 #: from the block mean) before it is Chan-merged into its part: 32 Ki elements
 #: are 128 KiB of float32 (256 KiB of float64), so the second pass reads from
@@ -38,11 +41,36 @@ FUSE_MIN_C = 8
 #: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
 FUSE_MAX_BYTES = 4 << 20
 
+def _parse_cache_size(text):
+    """Bytes of a sysfs cache size such as ``"32768K"`` or ``"1M"``; None if unreadable."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in "KMG" else text
+    return int(digits) * scale if digits.isdigit() else None
+
+
+def _last_level_cache_bytes(root="/sys/devices/system/cpu/cpu0/cache"):
+    """The size of the largest CPU cache (L3 on most machines), from Linux sysfs;
+    None where it cannot be read (other systems)."""
+    sizes = []
+    for entry in sorted(glob.glob(os.path.join(root, "index*"))):
+        try:
+            with open(os.path.join(entry, "size")) as f:
+                size = _parse_cache_size(f.read())
+        except OSError:
+            continue
+        if size:
+            sizes.append(size)
+    return max(sizes) if sizes else None
+
+
 #: Parallel passes write outputs of at least this many bytes with streaming
 #: (non-temporal) stores, ``cpu/streaming.py``: an output this large cannot stay
 #: in cache for its reader, so its lines go straight to memory instead of being
-#: read first.  Smaller outputs keep ordinary stores and stay cached.
-STREAM_MIN_BYTES = 16 << 20
+#: read first.  Smaller outputs keep ordinary stores and stay cached.  Default:
+#: three quarters of the last-level cache, at least 16 MiB (24 MiB on the
+#: development machine, whose 32 MiB L3 is shared with other guests).
+STREAM_MIN_BYTES = max(16 << 20, 3 * (_last_level_cache_bytes() or 0) // 4)
 
 #: Serialize nbnorm's CPU calls behind one process-wide lock (``cpu/threads.py``).
 #: None: only while Numba's threading layer is ``workqueue``, which aborts the

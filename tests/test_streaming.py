@@ -265,3 +265,32 @@ def test_outputs_stream_from_the_configured_size(monkeypatch, threshold, expecte
     monkeypatch.setattr(config, "FUSE_MIN_C", 1 << 62)
     nbnorm.backward(x.reshape(70, 9, 1), x.reshape(70, 9, 1), f.mean, f.invstd)
     assert seen == {key: expected for key in seen} and len(seen) == 6
+
+
+# ------------------------------------------------------------------ threshold
+
+def _fake_sysfs(root, sizes):
+    for i, size in enumerate(sizes):
+        d = root / f"index{i}"
+        d.mkdir()
+        (d / "size").write_text(size + "\n")
+    return str(root)
+
+
+def test_last_level_cache_from_sysfs(tmp_path):
+    """The largest cache listed (L3 here), in bytes, whatever the unit."""
+    root = _fake_sysfs(tmp_path, ["48K", "32K", "1024K", "32768K"])
+    assert config._last_level_cache_bytes(root) == 32 << 20
+    other = tmp_path / "other"
+    other.mkdir()
+    assert config._last_level_cache_bytes(_fake_sysfs(other, ["2M", "garbage", "1G"])) == 1 << 30
+
+
+def test_no_sysfs_means_no_cache_size(tmp_path):
+    assert config._last_level_cache_bytes(str(tmp_path / "missing")) is None
+
+
+def test_default_threshold_is_three_quarters_of_the_cache_at_least_16_mib():
+    llc = config._last_level_cache_bytes()
+    assert config.STREAM_MIN_BYTES == max(16 << 20, 3 * (llc or 0) // 4)
+    assert config.STREAM_MIN_BYTES >= 16 << 20
