@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from .. import config
 from . import streaming
-from .forward import _normalize_run, normalize_serial_interleaved
+from .forward import _normalize_run, normalize_serial_interleaved, task_split
 from .stats import _UNROLL_MIN_C, tile, widen
 
 _FM = set(config.FASTMATH)
@@ -230,20 +230,14 @@ def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx, stream):
                 yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
 
 
-#: Tasks of the parallel elementwise passes.
-_TASKS = 256
-
-
 @njit(parallel=True, cache=True)
 def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
     """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``; ``stream``: streaming
     stores (``streaming``), a fence at the end of each task."""
     outer, C, inner = x.shape
-    runs = outer * C
-    tasks = max(1, min(runs, _TASKS))
-    step = -(-runs // tasks)
+    tasks, step = task_split(outer * C)
     for t in prange(tasks):
-        for j in range(t * step, min(runs, (t + 1) * step)):
+        for j in range(t * step, min(outer * C, (t + 1) * step)):
             o, c = divmod(np.int64(j), C)
             _grad_run(dy[o, c], x[o, c], dx[o, c], mean[c], a[c], b[c], k[c], stream)
         if stream:
@@ -266,8 +260,7 @@ def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx, stream):
     qw = tile(q, wide)
     rw = tile(r, wide)
     ow = xw.shape[0]
-    tasks = max(1, min(ow, _TASKS))
-    step = -(-ow // tasks)
+    tasks, step = task_split(ow)
     for t in prange(tasks):
         r0 = min(ow, t * step)
         _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, qw, rw, dxw, stream)

@@ -71,18 +71,23 @@ def _normalize_rows(x, r0, r1, center, scale, shift, out, stream):
 
 
 #: Tasks of the parallel elementwise passes.
-_TASKS = 256
+TASKS = 256
+
+
+@njit(cache=True, inline="always")
+def task_split(n):
+    """``(tasks, step)``: ``n`` runs or rows in at most ``TASKS`` tasks of ``step``."""
+    tasks = max(1, min(n, TASKS))
+    return tasks, -(-n // tasks)
 
 
 @njit(parallel=True, cache=True)
 def normalize_planar(x, center, scale, shift, out, stream):
     """``stream``: streaming stores (``streaming``), a fence at the end of each task."""
     outer, C, inner = x.shape
-    runs = outer * C
-    tasks = max(1, min(runs, _TASKS))
-    step = -(-runs // tasks)
+    tasks, step = task_split(outer * C)
     for t in prange(tasks):
-        for j in range(t * step, min(runs, (t + 1) * step)):
+        for j in range(t * step, min(outer * C, (t + 1) * step)):
             o, c = divmod(np.int64(j), C)
             _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c], stream)
         if stream:
@@ -102,8 +107,7 @@ def normalize_interleaved(x, wide, center, scale, shift, out, stream):
     sw = stats.tile(scale, wide)
     bw = stats.tile(shift, wide)
     ow = xw.shape[0]
-    tasks = max(1, min(ow, _TASKS))
-    step = -(-ow // tasks)
+    tasks, step = task_split(ow)
     for t in prange(tasks):
         r0 = min(ow, t * step)
         _normalize_rows(xw, r0, min(ow, r0 + step), cw, sw, bw, yw, stream)
