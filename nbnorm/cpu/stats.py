@@ -314,11 +314,13 @@ def interleaved_part_moments(x, r0, r1, brows, mean, m2, bmean, bq):
 
 
 @njit(cache=True)
-def merge_interleaved_parts(outer, parts, pmean, pm2, mean_out, m2_out):
-    """Per-channel (mean, M2) from the per-part rows of ``pmean``, ``pm2``, merged
-    in part order.  Every channel of a part has the same count, so chan_merge's
-    division is hoisted out of the channel loop, which vectorizes (same
-    expressions, same bits as ``chan_merge`` per channel).
+def merge_interleaved_parts(outer, parts, work, mean_out, m2_out):
+    """Per-channel (mean, M2) from the parts' ``work[p, 0]`` (mean) and ``work[p, 1]``
+    (M2), merged in part order.  Every channel of a part has the same count, so
+    chan_merge's division is hoisted out of the channel loop, which vectorizes
+    (same expressions, same bits as ``chan_merge`` per channel).  ``work`` is
+    indexed whole, not sliced to ``work[:, 0]``: a strided 2-D view does not
+    vectorize (one part of 256 values: 0.21 us a merge).
     """
     step = -(-outer // parts)
     mean_out[:] = 0.0
@@ -331,9 +333,9 @@ def merge_interleaved_parts(outer, parts, pmean, pm2, mean_out, m2_out):
             n = cnt + nb
             f = nb / n
             for c in range(mean_out.size):
-                d = pmean[p, c] - mean_out[c]
+                d = work[p, 0, c] - mean_out[c]
                 mean_out[c] = mean_out[c] + d * f
-                m2_out[c] = m2_out[c] + pm2[p, c] + (d * cnt) * (d * f)
+                m2_out[c] = m2_out[c] + work[p, 1, c] + (d * cnt) * (d * f)
             cnt = n
 
 
@@ -366,7 +368,7 @@ def _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out):
     if ow:
         wmean = work[0, 2]  # the parts' block scratch, free by now
         wm2 = work[0, 3]
-        merge_interleaved_parts(ow, parts, work[:, 0], work[:, 1], wmean, wm2)
+        merge_interleaved_parts(ow, parts, work, wmean, wm2)
         _fold_wide(wide, float(ow), wmean, wm2, mean_out, m2_out)
     else:
         mean_out[:] = 0.0
