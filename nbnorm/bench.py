@@ -26,7 +26,7 @@ from numba import njit, prange
 import nbnorm
 from nbnorm import reference
 from nbnorm.cpu import ops
-from nbnorm.cpu.forward import _normalize_run
+from nbnorm.cpu.forward import _normalize_run, task_split
 from nbnorm.cpu.streaming import fence
 
 #: (name, shape, axis): the shapes of issue 3, all 51 MB (NC: 34 MB) in float32.
@@ -127,8 +127,7 @@ def _elementwise(x, out, stream):
     f = x.reshape(-1)
     g = out.reshape(-1)
     n = f.size
-    tasks = 256
-    step = -(-n // tasks)
+    tasks, step = task_split(n)
     for t in prange(tasks):
         a = f[min(n, t * step):min(n, (t + 1) * step)]
         b = g[min(n, t * step):min(n, (t + 1) * step)]

@@ -100,7 +100,9 @@ def normalize_interleaved(x, wide, center, scale, shift, out, stream):
     ``out`` may be ``x``; ``stream`` as in ``normalize_planar``."""
     # Measured and dropped: walking the row ranges backwards, to find the rows the
     # statistics pass read last still in L3, was slower (NHWC float32 forward
-    # training 1.63 -> 2.00 copy-times, NC 2.6 -> 2.9; same run, interleaved).
+    # training 1.63 -> 2.00 copy-times, NC 2.6 -> 2.9; same run, interleaved),
+    # and still was with streaming stores, which leave L3 to x (NC float32
+    # 1.27-1.63 -> 1.39-1.80, float64 1.24-1.32 -> 1.31-1.48).
     xw = stats.widen(x, wide)
     yw = stats.widen(out, wide)
     cw = stats.tile(center, wide)
