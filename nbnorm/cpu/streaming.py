@@ -19,9 +19,9 @@ with the same float64 expressions, so streamed and ordinary results are the
 same bits.  A writer of streamed lines calls ``fence`` before its task ends:
 non-temporal stores are not ordered with other stores until a fence.
 
-Measured (NC 8192x1024, normalizing pass, x copy time, 2 threads, 18 rounds
-in 6 processes, every round in favour): float64 1.02 -> 0.83, float32
-1.10 -> 0.98.  Computing into a cache-resident buffer and streaming that
+Measured (NC 8192x1024, normalizing pass, x copy time, 2 threads, 18 medians
+of 15 rounds in 6 processes, every one in favour): float64 1.02 -> 0.83,
+float32 1.10 -> 0.98.  Computing into a cache-resident buffer and streaming that
 instead (one intrinsic for every kernel) was 3-7x slower: the buffer's loads
 wait on the pending streamed stores.
 """
