@@ -74,6 +74,13 @@ def _affine_scalars(x, y, c, s, b):
 
 
 @njit
+def _scale_offset(x, y, s, t):
+    h, e = streaming.span(y)
+    streaming.scale_offset_lines(y, h, e, x, s, t)
+    return h, e
+
+
+@njit
 def _grad(dy, x, y, m, a, b, k):
     h, e = streaming.span(y)
     streaming.grad_lines(y, h, e, dy, x, m, a, b, k)
@@ -110,6 +117,10 @@ def test_intrinsics_compute_the_scalar_expressions(rng, dtype, offset):
     y = _offset_view((n,), dtype, offset)
     _check_lines(y, (x64 - 1e4) * 0.25 + -1.5, *_affine_scalars(x, y, 1e4, 0.25, -1.5))
     y = _offset_view((n,), dtype, offset)
+    _check_lines(y, x64 * s + b, *_scale_offset(x, y, s, b))
+    y = _offset_view((n,), dtype, offset)
+    _check_lines(y, x64 * 0.25 + -1.5, *_scale_offset(x, y, 0.25, -1.5))
+    y = _offset_view((n,), dtype, offset)
     _check_lines(y, k * (dy64 - a - (x64 - c) * b), *_grad(dy, x, y, c, a, b, k))
     y = _offset_view((n,), dtype, offset)
     _check_lines(y, k[0] * (dy64 - a[0] - (x64 - c[0]) * b[0]),
@@ -126,18 +137,19 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
     y = np.empty(n, dtype)
     c = np.zeros(n)
     _affine_arrays(x, y, c, c, c)
+    _scale_offset(x, y, c, c)
     _grad(x, x, y, c, c, c, c)
     _grad_affine(x, x, y, c, c, c)
     suffix = "ps" if dtype == np.float32 else "pd"
 
     def asm(f):
         """The assembly of every compiled signature of ``f`` writing ``dtype``."""
-        y_at = 1 if f is _affine_arrays else 2
+        y_at = 1 if f in (_affine_arrays, _scale_offset) else 2
         sigs = [s for s in f.signatures if str(s[y_at].dtype) == np.dtype(dtype).name]
         assert sigs
         return [f.inspect_asm(s) for s in sigs]
 
-    for f in (_affine_arrays, _grad, _grad_affine):
+    for f in (_affine_arrays, _scale_offset, _grad, _grad_affine):
         for code in asm(f):  # a vector store, not scalar movnts[sd]
             assert "movnt" + suffix in code, f
     assert all("sfence" in code for code in asm(_affine_arrays))

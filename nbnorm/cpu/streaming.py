@@ -153,6 +153,11 @@ def _affine(f, x, center, scale, shift):
     return f.add(f.mul(f.sub(x, center), scale), shift)
 
 
+def _scale_offset(f, x, scale, offset):
+    """``x * scale + offset``: ``forward`` normalizing float32 data."""
+    return f.add(f.mul(x, scale), offset)
+
+
 def _grad(f, dy, x, mean, a, b, k):
     """``k * (dy - a - (x - mean) * b)``: ``backward``'s centred ``grad_input``."""
     return f.mul(k, f.sub(f.sub(dy, a), f.mul(f.sub(x, mean), b)))
@@ -169,6 +174,12 @@ def _grad_affine(f, dy, x, k, q, r):
 def affine_lines(typingctx, y, i0, i1, x, center, scale, shift):
     """Streams ``y[i0:i1] = (x - center) * scale + shift`` (see ``_lines``)."""
     return _lines(_affine, y, i0, i1, x, center, scale, shift)
+
+
+@intrinsic
+def scale_offset_lines(typingctx, y, i0, i1, x, scale, offset):
+    """Streams ``y[i0:i1] = x * scale + offset`` (see ``_lines``)."""
+    return _lines(_scale_offset, y, i0, i1, x, scale, offset)
 
 
 @intrinsic
