@@ -1,8 +1,10 @@
 """The normalizing pass: ``out = (x - center[c]) * scale[c] + shift[c]``.
 
 ``scale`` folds ``invstd * weight`` and the arithmetic is float64, so the
-subtraction of a large mean keeps its precision for float32 data.  Elementwise,
-so ``out`` may be ``x`` itself.  Backward in inference mode reuses it with
+subtraction of a large mean keeps its precision for float32 data, which are
+computed as ``x * scale[c] + (shift[c] - center[c] * scale[c])`` (fewer loads
+and operations; see ``_normalize_rows``).  Elementwise, so ``out`` may be
+``x`` itself.  Backward in inference mode reuses it with
 ``center = 0`` and ``shift = 0``.
 
 ``train_planar`` fuses statistics and normalization: one task per channel
