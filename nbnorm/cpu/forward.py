@@ -83,10 +83,9 @@ def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, stream):
     is what the pass costs once streaming stores take the output's reads away
     (NC 8192x1024 float32 inference, x copy time, same process, 9 medians of 15
     rounds in 3 processes: 0.81-1.17 -> 0.70-0.97, level with the elementwise
-    floor).  In
-    float64 arithmetic the form cancels ~1e-16 * |mean| / std of a value's
-    magnitude, far below float32's rounding; float64 data keep the centred
-    form, which loses nothing to a large mean.
+    floor).  In float64 arithmetic the form cancels ~1e-16 * |mean| / std of a
+    value's magnitude, far below float32's rounding; float64 data keep the
+    centred form, which loses nothing to a large mean.
     """
     for r in range(r0, r1):
         xr = x[r]
