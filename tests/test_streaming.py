@@ -7,6 +7,7 @@ around them, and really emit non-temporal vector stores.
 """
 
 import platform
+import re
 
 import numpy as np
 import pytest
@@ -140,7 +141,6 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
     _scale_offset(x, y, c, c)
     _grad(x, x, y, c, c, c, c)
     _grad_affine(x, x, y, c, c, c)
-    suffix = "ps" if dtype == np.float32 else "pd"
 
     def asm(f):
         """The assembly of every compiled signature of ``f`` writing ``dtype``."""
@@ -150,8 +150,12 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
         return [f.inspect_asm(s) for s in sigs]
 
     for f in (_affine_arrays, _scale_offset, _grad, _grad_affine):
-        for code in asm(f):  # a vector store, not scalar movnts[sd]
-            assert "movnt" + suffix in code, f
+        for code in asm(f):
+            # Packed non-temporal stores, not scalar movnts[sd].  Which packed
+            # form is the backend's choice of domain, not the data's: on AVX2
+            # (Zen 3) LLVM writes float32 vectors with vmovntpd.
+            assert re.search(r"\bv?movntp[sd]\b", code), f
+            assert not re.search(r"\bv?movnts[sd]\b", code), f
     assert all("sfence" in code for code in asm(_affine_arrays))
 
 
