@@ -127,7 +127,7 @@ def _elementwise(x, out, stream):
     f = x.reshape(-1)
     g = out.reshape(-1)
     n = f.size
-    tasks, step = task_split(n)
+    tasks, step = task_split(n, 1)
     for t in prange(tasks):
         a = f[min(n, t * step):min(n, (t + 1) * step)]
         b = g[min(n, t * step):min(n, (t + 1) * step)]

@@ -130,6 +130,82 @@ def test_intrinsics_compute_the_scalar_expressions(rng, dtype, offset):
     _check_lines(y, k * dy64 + (s * x64 + b), *_grad_affine(dy, x, y, k, s, b))
 
 
+@njit
+def _cols(kind, y, c0, C, stream, dy, x, u, v, w, z):
+    """A column intrinsic over ``y[h:e]`` (``cols_span``), column ``c0`` at ``h``."""
+    h, e = streaming.cols_span(y, stream)
+    if kind == 0:
+        streaming.affine_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v, w)
+    elif kind == 1:
+        streaming.scale_offset_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v)
+    elif kind == 2:
+        streaming.grad_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w, z)
+    else:
+        streaming.grad_affine_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w)
+    return h, e
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "ordinary"])
+@pytest.mark.parametrize("C", [1, 3, 16, 17, 64, 131])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_column_intrinsics_compute_the_scalar_expressions(rng, dtype, offset, C, stream):
+    """The column intrinsics read per-column coefficients at ``i``'s column, also
+    for rows shorter than a vector and vectors that cross a row: NumPy's float64
+    result over the whole rows, rounded once, and nothing written outside."""
+    rows, c0 = 13, 2 % C  # the run starts at column c0 of its first row
+    n = rows * C - c0
+    x = (rng.standard_normal(n) * 3 + 1e4).astype(dtype)
+    dy = rng.standard_normal(n).astype(dtype)
+    u, v, w, z = rng.standard_normal((4, C))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    col = (c0 + np.arange(n)) % C
+    U, V, W, Z = u[col], v[col], w[col], z[col]
+    isz = np.dtype(dtype).itemsize
+    P = [streaming.periodic(a, isz) for a in (u, v, w, z)]
+    expected = [(x64 - U) * V + W, x64 * U + V, Z * (dy64 - V - (x64 - U) * W),
+                U * dy64 + (V * x64 + W)]
+    for kind, exp in enumerate(expected):
+        y = _offset_view((n,), dtype, offset)
+        h, e = _cols(kind, y, c0, C, stream, dy, x, *P)
+        if not stream:
+            assert h == 0
+        assert e - h >= 64 // isz or n < 2 * 64 // isz
+        assert_same(y[h:e], exp[h:e].astype(dtype))
+        assert np.isnan(y[:h]).all() and np.isnan(y[e:]).all()
+
+
+def test_periodic_extends_the_coefficients_by_a_vector():
+    a = np.arange(5.0)
+    assert_same(streaming.periodic(a, 4), np.resize(a, 5 + 16))
+    assert_same(streaming.periodic(a[:1], 8), np.zeros(9))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "ordinary"])
+@pytest.mark.parametrize("shape", [(9000, 1), (3001, 3), (611, 17), (100, 131)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_interleaved_passes_are_the_row_kernels_bits(rng, dtype, shape, offset, stream):
+    """The parallel interleaved passes, whose tasks write their rows as one run
+    (several tasks here), give the bits of the serial row-by-row kernels for every
+    output alignment, row length and column at a vector's start."""
+    outer, C = shape
+    x = (rng.standard_normal(shape) * 3 + 1e4).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    m, s, b, a, k = rng.standard_normal((5, C))
+    m += 1e4
+    expected = np.empty(shape, dtype)
+    fwd._normalize_rows(x, 0, outer, m, s, b, fwd.offsets(m, s, b), expected)
+    out = _offset_view(shape, dtype, offset)
+    fwd.normalize_interleaved(x, m, s, b, out, stream)
+    assert_same(out, expected)
+    q, r = bwd._affine_coeffs(m, a, b, k)
+    bwd._grad_rows(dy, x, 0, outer, m, a, b, k, q, r, expected)
+    out = _offset_view(shape, dtype, offset)
+    bwd.grad_input_interleaved(dy, x, m, a, b, k, out, stream)
+    assert_same(out, expected)
+
+
 @pytest.mark.skipif(not X86, reason="x86 instruction names")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
@@ -157,6 +233,14 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
             assert re.search(r"\bv?movntp[sd]\b", code), f
             assert not re.search(r"\bv?movnts[sd]\b", code), f
     assert all("sfence" in code for code in asm(_affine_arrays))
+    P = streaming.periodic(c[:3], x.itemsize)
+    for kind in range(4):
+        _cols(kind, y, 0, 3, True, x, x, P, P, P, P)
+    for sig in _cols.signatures:
+        if str(sig[1].dtype) == np.dtype(dtype).name:
+            code = _cols.inspect_asm(sig)
+            assert re.search(r"\bv?movntp[sd]\b", code)
+            assert not re.search(r"\bv?movnts[sd]\b", code)
 
 
 # ------------------------------------------------------------------- kernels

@@ -198,9 +198,8 @@ def _affine_coeffs(mean, a, b, k):
 
 
 @njit(cache=True)
-def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx, stream):
-    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``; ``stream``
-    as in ``_grad_run``.
+def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
+    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``.
 
     float32 data use ``k*dy + (q*x + r)``: two multiply-adds and three
     coefficient loads instead of four operations and four loads (NC 8192x1024
@@ -213,21 +212,40 @@ def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx, stream):
         gr = dy[row]
         xr = x[row]
         yr = dx[row]
-        h, e = streaming.span(yr) if stream else (yr.size, yr.size)
         if x.itemsize == 4:  # a constant of the compiled signature
-            for c in range(h):
-                yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
-            if e > h:
-                streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r)
-            for c in range(e, yr.size):
+            for c in range(yr.size):
                 yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
         else:
-            for c in range(h):
+            for c in range(yr.size):
                 yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
-            if e > h:
-                streaming.grad_lines(yr, h, e, gr, xr, mean, a, b, k)
-            for c in range(e, yr.size):
-                yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
+
+
+@njit(cache=True)
+def _grad_values(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r):
+    """``_grad_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end."""
+    c = i0 % C
+    for i in range(i0, i1):
+        if xf.itemsize == 4:
+            yf[i] = k[c] * np.float64(gf[i]) + (q[c] * np.float64(xf[i]) + r[c])
+        else:
+            yf[i] = k[c] * (np.float64(gf[i]) - a[c] - (np.float64(xf[i]) - mean[c]) * b[c])
+        c = c + 1 if c + 1 < C else 0
+
+
+@njit(cache=True)
+def _grad_span(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r, stream):
+    """``_grad_values`` of ``[i0, i1)`` with a ``streaming`` column intrinsic for
+    the whole vectors, as ``forward._normalize_span``."""
+    h, e = streaming.cols_span(yf[i0:i1], stream)
+    _grad_values(gf, xf, yf, i0, i0 + h, C, mean, a, b, k, q, r)
+    if e > h:
+        if xf.itemsize == 4:
+            streaming.grad_affine_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, gf, xf,
+                                       k, q, r)
+        else:
+            streaming.grad_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, gf, xf, mean,
+                                a, b, k)
+    _grad_values(gf, xf, yf, i0 + e, i1, C, mean, a, b, k, q, r)
 
 
 @njit(parallel=True, cache=True)
@@ -235,7 +253,7 @@ def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
     """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``; ``stream``: streaming
     stores (``streaming``), a fence at the end of each task."""
     outer, C, inner = x.shape
-    tasks, step = task_split(outer * C)
+    tasks, step = task_split(outer * C, inner)
     for t in prange(tasks):
         for j in range(t * step, min(outer * C, (t + 1) * step)):
             o, c = divmod(np.int64(j), C)
@@ -245,28 +263,29 @@ def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
 
 
 @njit(parallel=True, cache=True)
-def grad_input_interleaved(dy, x, wide, mean, a, b, k, dx, stream):
-    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``, over wide rows of
-    ``wide`` rows each (``stats.wide_rows``); ``dx`` may be ``dy``; ``stream`` as
-    in ``grad_input_planar``."""
-    dyw = widen(dy, wide)
-    xw = widen(x, wide)
-    dxw = widen(dx, wide)
+def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream):
+    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])`` of ``x[outer, C]``; ``dx``
+    may be ``dy``; ``stream`` as in ``grad_input_planar``.  A task's rows are one
+    run, as in ``forward.normalize_interleaved``."""
+    outer, C = x.shape
+    gf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    yf = dx.reshape(-1)
     q, r = _affine_coeffs(mean, a, b, k)
-    mw = tile(mean, wide)
-    aw = tile(a, wide)
-    bw = tile(b, wide)
-    kw = tile(k, wide)
-    qw = tile(q, wide)
-    rw = tile(r, wide)
-    ow = xw.shape[0]
-    tasks, step = task_split(ow)
+    isz = dx.itemsize
+    mp = streaming.periodic(mean, isz)
+    ap = streaming.periodic(a, isz)
+    bp = streaming.periodic(b, isz)
+    kp = streaming.periodic(k, isz)
+    qp = streaming.periodic(q, isz)
+    rp = streaming.periodic(r, isz)
+    tasks, step = task_split(outer, C)
     for t in prange(tasks):
-        r0 = min(ow, t * step)
-        _grad_rows(dyw, xw, r0, min(ow, r0 + step), mw, aw, bw, kw, qw, rw, dxw, stream)
+        r0 = min(outer, t * step)
+        r1 = min(outer, r0 + step)
+        _grad_span(gf, xf, yf, r0 * C, r1 * C, C, mp, ap, bp, kp, qp, rp, stream)
         if stream:
             streaming.fence()
-    _grad_rows(dy, x, ow * wide, x.shape[0], mean, a, b, k, q, r, dx, False)
 
 
 @njit(cache=True)
@@ -347,8 +366,8 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     if training:
         q, r = _affine_coeffs(mean, a, b, k)
         _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
-                   tile(q, wide), tile(r, wide), widen(dx, wide), False)
-        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx, False)
+                   tile(q, wide), tile(r, wide), widen(dx, wide))
+        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx)
     else:  # the affine map's gradient: dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx)

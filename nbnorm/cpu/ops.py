@@ -120,8 +120,7 @@ def normalize(x, center, scale, shift, out):
     if x.ndim == 3:
         fwd.normalize_planar(x, center, scale, shift, out, _stream(out))
     else:
-        fwd.normalize_interleaved(x, stats.wide_rows(x.shape[1]), center, scale, shift, out,
-                                  _stream(out))
+        fwd.normalize_interleaved(x, center, scale, shift, out, _stream(out))
 
 
 def _scale_shift(inv, w, b, C):
@@ -244,8 +243,8 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
             bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
                                   _stream(grad_input))
         elif training:
-            bwd.grad_input_interleaved(dy, x, wide, mu, s / n, sx * inv * inv / n, k,
-                                       grad_input, _stream(grad_input))
+            bwd.grad_input_interleaved(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
+                                       _stream(grad_input))
         else:
             zeros = np.zeros(C)
             normalize(dy, zeros, k, zeros, grad_input)

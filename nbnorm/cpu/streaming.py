@@ -26,6 +26,7 @@ instead (one intrinsic for every kernel) was 3-7x slower: the buffer's loads
 wait on the pending streamed stores.
 """
 
+import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
@@ -48,6 +49,16 @@ def span(y):
     per_line = LINE // isz
     h = min(n, ((LINE - addr % LINE) % LINE) // isz)
     return h, h + (n - h) // per_line * per_line
+
+
+@njit(cache=True, inline="always")
+def cols_span(y, stream):
+    """``(h, e)`` for a ``_cols`` intrinsic writing the 1-D contiguous ``y``:
+    ``span(y)`` when it streams; else ``(0, e)``, the whole vectors from the start."""
+    if stream:
+        return span(y)
+    per_vector = LINE // y.itemsize
+    return 0, y.size // per_vector * per_vector
 
 
 _X86 = llvm.get_process_triple().split("-")[0] in ("x86_64", "i386", "i686")
@@ -76,13 +87,43 @@ def _lines(expr, y, i0, i1, *operands):
     line.  An operand is a 1-D contiguous array of float32 or float64, read at
     ``i``, or a float64 scalar, broadcast; ``expr`` takes and returns float64
     vectors through an ``_Ops``."""
-    sig = types.void(y, i0, i1, *operands)
+    return types.void(y, i0, i1, *operands), _codegen(expr, columns=False, flat=len(operands))
 
+
+def _cols(expr, flat, y, i0, i1, c0, period, stream, *operands):
+    """``_lines`` for rows of ``period`` columns laid end to end (a C-contiguous
+    ``(rows, C)`` array as 1-D): ``f(y, i0, i1, c0, period, stream, *operands)``.
+    The first ``flat`` operands are read at ``i``, like ``y``; the other arrays
+    are per-column coefficients read at the column ``c`` of ``i`` (``c0`` at
+    ``i0``), so they must hold ``periodic`` values: a vector starting in the last
+    columns of a row reads on past ``period``.  A task then streams all its rows
+    in one run, and only its own two ends are not whole lines: per-row runs of
+    an output at 16 bytes past a line (where glibc puts a large ``malloc``)
+    leave a part line at every row boundary.  ``stream`` False stores ordinarily
+    and unaligned, for any ``y[i0]`` and ``i1 - i0`` a multiple of a vector."""
+    sig = types.void(y, i0, i1, c0, period, stream, *operands)
+    return sig, _codegen(expr, columns=True, flat=flat)
+
+
+@njit(cache=True)
+def periodic(a, itemsize):
+    """``a`` extended periodically, in float64, for the coefficients of a ``_cols``
+    intrinsic writing ``itemsize``-byte values: ``a.size + LINE // itemsize``
+    values, the ``j``-th ``a[j % a.size]``."""
+    p = np.empty(a.size + LINE // itemsize)
+    for j in range(p.size):
+        p[j] = a[j % a.size]
+    return p
+
+
+def _codegen(expr, columns, flat):
     def codegen(context, builder, signature, args):
         yty, i0ty, i1ty = signature.args[:3]
+        first = 6 if columns else 3  # where the operands begin
         i64 = ir.IntType(64)
         elt = context.get_data_type(yty.dtype)
-        width = LINE // context.get_abi_sizeof(elt)
+        esize = context.get_abi_sizeof(elt)
+        width = LINE // esize
         vdouble = ir.VectorType(ir.DoubleType(), width)
         a = context.cast(builder, args[1], i0ty, types.int64)
         b = context.cast(builder, args[2], i1ty, types.int64)
@@ -93,12 +134,13 @@ def _lines(expr, y, i0, i1, *operands):
             p = cgutils.get_item_pointer(context, builder, ty, arr, [i], wraparound=False)
             return builder.bitcast(p, vty.as_pointer())
 
-        # Scalars are broadcast once, outside the loop; arrays are loaded in it.
+        # Scalars are broadcast once, outside the loop; arrays are loaded in it,
+        # at i (flat) or at the column.
         loaders = []
-        for ty, val in zip(signature.args[3:], args[3:]):
+        for k, (ty, val) in enumerate(zip(signature.args[first:], args[first:])):
             if isinstance(ty, types.Array):
                 arr = context.make_array(ty)(context, builder, val)
-                loaders.append((ty, arr))
+                loaders.append((ty, arr, k < flat))
             else:
                 d = context.cast(builder, val, ty, types.float64)
                 undef = ir.Constant(vdouble, ir.Undefined)
@@ -106,29 +148,57 @@ def _lines(expr, y, i0, i1, *operands):
                 zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
                 loaders.append(builder.shuffle_vector(v, undef, zeros))
 
-        ops = _Ops(builder)
         step = ir.Constant(i64, width)
-        with cgutils.for_range_slice(builder, a, b, step, inc=True) as (i, _):
-            vals = []
-            for ld in loaders:
-                if isinstance(ld, tuple):
-                    ty, arr = ld
-                    et = context.get_data_type(ty.dtype)
-                    v = builder.load(pointer(ty, arr, i, ir.VectorType(et, width)),
-                                     align=context.get_abi_sizeof(et))
-                    if not isinstance(et, ir.DoubleType):
-                        v = builder.fpext(v, vdouble)
-                    vals.append(v)
-                else:
-                    vals.append(ld)
-            r = expr(ops, *vals)
-            if not isinstance(elt, ir.DoubleType):
-                r = builder.fptrunc(r, ir.VectorType(elt, width))
-            store = builder.store(r, pointer(yty, y_arr, i, r.type), align=LINE)
-            store.set_metadata("nontemporal", nontemporal)
+        if columns:
+            period = context.cast(builder, args[4], signature.args[4], types.int64)
+            # The column advances by a vector a step: width mod period, then wraps
+            # (both terms are below period, so one subtraction is enough).
+            inc = builder.urem(step, period)
+            stream = context.cast(builder, args[5], signature.args[5], types.boolean)
+
+        def loop(streamed):
+            ops = _Ops(builder)
+            if columns:
+                col = cgutils.alloca_once_value(
+                    builder, context.cast(builder, args[3], signature.args[3], types.int64))
+            with cgutils.for_range_slice(builder, a, b, step, inc=True) as (i, _):
+                c = builder.load(col) if columns else i
+                vals = []
+                for ld in loaders:
+                    if isinstance(ld, tuple):
+                        ty, arr, at_i = ld
+                        et = context.get_data_type(ty.dtype)
+                        v = builder.load(pointer(ty, arr, i if at_i else c,
+                                                 ir.VectorType(et, width)),
+                                         align=context.get_abi_sizeof(et))
+                        if not isinstance(et, ir.DoubleType):
+                            v = builder.fpext(v, vdouble)
+                        vals.append(v)
+                    else:
+                        vals.append(ld)
+                r = expr(ops, *vals)
+                if not isinstance(elt, ir.DoubleType):
+                    r = builder.fptrunc(r, ir.VectorType(elt, width))
+                store = builder.store(r, pointer(yty, y_arr, i, r.type),
+                                      align=LINE if streamed else esize)
+                if streamed:
+                    store.set_metadata("nontemporal", nontemporal)
+                if columns:
+                    nxt = builder.add(c, inc)
+                    wrapped = builder.icmp_signed(">=", nxt, period)
+                    builder.store(builder.select(wrapped, builder.sub(nxt, period), nxt), col)
+
+        if columns:
+            with builder.if_else(stream) as (then, otherwise):
+                with then:
+                    loop(True)
+                with otherwise:
+                    loop(False)
+        else:
+            loop(True)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
 class _Ops:
@@ -192,3 +262,27 @@ def grad_lines(typingctx, y, i0, i1, dy, x, mean, a, b, k):
 def grad_affine_lines(typingctx, y, i0, i1, dy, x, k, q, r):
     """Streams ``y[i0:i1] = k * dy + (q * x + r)`` (see ``_lines``)."""
     return _lines(_grad_affine, y, i0, i1, dy, x, k, q, r)
+
+
+@intrinsic
+def affine_cols(typingctx, y, i0, i1, c0, period, stream, x, center, scale, shift):
+    """``affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
+    return _cols(_affine, 1, y, i0, i1, c0, period, stream, x, center, scale, shift)
+
+
+@intrinsic
+def scale_offset_cols(typingctx, y, i0, i1, c0, period, stream, x, scale, offset):
+    """``scale_offset_lines`` over rows of ``period`` columns (see ``_cols``)."""
+    return _cols(_scale_offset, 1, y, i0, i1, c0, period, stream, x, scale, offset)
+
+
+@intrinsic
+def grad_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k):
+    """``grad_lines`` over rows of ``period`` columns (see ``_cols``)."""
+    return _cols(_grad, 2, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k)
+
+
+@intrinsic
+def grad_affine_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, k, q, r):
+    """``grad_affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
+    return _cols(_grad_affine, 2, y, i0, i1, c0, period, stream, dy, x, k, q, r)
