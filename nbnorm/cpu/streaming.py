@@ -19,6 +19,11 @@ with the same float64 expressions, so streamed and ordinary results are the
 same bits.  A writer of streamed lines calls ``fence`` before its task ends:
 non-temporal stores are not ordered with other stores until a fence.
 
+The ``*_lines`` intrinsics write one run (a planar channel's ``inner``
+values, with scalar coefficients); the ``*_cols`` intrinsics write many rows
+of an interleaved batch laid end to end, with per-channel coefficients read at
+each value's column (``_cols``), and can store ordinarily too.
+
 Measured (NC 8192x1024, normalizing pass, x copy time, 2 threads, 18 medians
 of 15 rounds in 6 processes, every one in favour): float64 1.02 -> 0.83,
 float32 1.10 -> 0.98.  Computing into a cache-resident buffer and streaming that
