@@ -77,12 +77,17 @@ def assert_same(a, b, what=""):
 
 #: ``nbnorm.cpu.ops`` picks a kernel family by shape (``nbnorm.config``): one
 #: serial kernel for small batches, a fused reduce+finish task per planar
-#: channel, or a parallel reduction then a parallel elementwise pass.  These
-#: settings force each path on any shape, so small test arrays reach them all.
+#: channel, or a parallel reduction then a parallel elementwise pass, which for
+#: planar batches of short runs normalizes rows of ``C * inner`` values
+#: ("rows").  These settings force each path on any shape, so small test arrays
+#: reach them all (an interleaved batch runs "rows" as "parallel").
+_NO_ROWS = dict(PLANAR_ROWS_MAX_RUN_BYTES=0)
 KERNEL_PATHS = {
     "serial": dict(SERIAL_MAX=1 << 62),
-    "fused": dict(SERIAL_MAX=0, FUSE_MIN_C=1, FUSE_MAX_BYTES=1 << 62),
-    "parallel": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62),
+    "fused": dict(SERIAL_MAX=0, FUSE_MIN_C=1, FUSE_MAX_BYTES=1 << 62, **_NO_ROWS),
+    "parallel": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62, **_NO_ROWS),
+    "rows": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62, PLANAR_ROWS_MAX_RUN_BYTES=1 << 62,
+                 PLANAR_ROWS_MAX_VALUES=1 << 62),
 }
 
 

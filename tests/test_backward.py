@@ -246,7 +246,7 @@ def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_
                 use_path(m, path)
                 g = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
                 results[path, training] = g
-        for path in ["fused", "parallel"]:
+        for path in ["fused", "parallel", "rows"]:
             for name, a, e in zip(g._fields, results[path, training],
                                   results["serial", training]):
                 assert_same(a, e, f"{name} (training={training}): {path} != serial")

@@ -466,7 +466,7 @@ def test_kernel_paths_agree_bitwise(rng, monkeypatch, shape, axis, dtype, small_
             results[path] = [f.out, f.mean, f.invstd, rm_p, rv_p, fi.out, fi.invstd]
     names = ["out", "mean", "invstd", "running_mean", "running_var", "infer out",
              "infer invstd"]
-    for path in ["fused", "parallel"]:
+    for path in ["fused", "parallel", "rows"]:
         for name, a, e in zip(names, results[path], results["serial"]):
             assert_same(a, e, f"{name}: {path} differs from serial")
 
@@ -555,4 +555,35 @@ def test_inference_parameters_of_any_float_dtype(rng, monkeypatch, shape, axis, 
     for name, a, e in zip(got._fields, got, exp):
         assert_same(a, e, name)
     assert_close(got.out, reference.forward(x, *params, training=False, axis=axis).out,
+                 REF_TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,rows", [((90, 8, 7, 7), True), ((12, 8, 40, 40), False),
+                                        ((40, 400, 3, 1), False)],
+                         ids=["7x7", "40x40", "C*inner-too-wide"])
+def test_short_runs_normalize_as_rows(rng, monkeypatch, shape, rows, dtype):
+    """A planar batch of short runs (and not too wide rows) is normalized by the
+    interleaved pass over rows of C*inner values, in training (unfused) and in
+    inference, with the planar kernel's bits; other planar batches keep it."""
+    from nbnorm.cpu import forward as fwd
+
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)
+    monkeypatch.setattr(config, "PLANAR_ROWS_MAX_VALUES", 1000)
+    calls = []
+    for name in ("normalize_planar", "normalize_interleaved", "train_planar"):
+        kernel = getattr(fwd, name)
+        monkeypatch.setattr(fwd, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    x, w, b, rm, rv = _args(rng, shape, 1, dtype, True, "train+running")
+    got = [nbnorm.forward(x, w, b, axis=1), nbnorm.forward(x, w, b, rm, rv, training=False)]
+    expected_kernels = (["normalize_interleaved"] * 2 if rows
+                        else ["train_planar", "normalize_planar"])
+    assert calls == expected_kernels
+    monkeypatch.setattr(config, "PLANAR_ROWS_MAX_RUN_BYTES", 0)  # never rows
+    monkeypatch.setattr(config, "FUSE_MIN_C", 1 << 62)
+    exp = [nbnorm.forward(x, w, b, axis=1), nbnorm.forward(x, w, b, rm, rv, training=False)]
+    for g, e in zip(got, exp):
+        for name, a, c in zip(g._fields, g, e):
+            assert_same(a, c, name)
+    assert_close(got[1].out, reference.forward(x, w, b, rm, rv, training=False).out,
                  REF_TOL[np.dtype(dtype)])

@@ -247,12 +247,14 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
 
 #: (id, shape, axis), each larger than config.SERIAL_MAX so that the parallel
 #: passes run: wide rows with leftover rows (NHWC, C=70: 4 rows a wide row),
-#: long NC rows, short planar runs, and C below FUSE_MIN_C (unfused planar).
+#: long NC rows, short planar runs, C below FUSE_MIN_C (unfused planar), and
+#: 7x7 maps, whose runs are short enough to normalize as rows of C*H*W values.
 CASES = [
     ("NC", (300, 131), 1),
     ("NHWC", (5, 10, 11, 70), -1),
     ("NCHW", (4, 9, 31, 37), 1),
     ("NCHW-C3", (16, 3, 29, 31), 1),
+    ("NCHW-7x7", (90, 8, 7, 7), 1),
 ]
 
 
@@ -270,7 +272,7 @@ def _case(rng, shape, axis, dtype):
 
 
 @pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
-@pytest.mark.parametrize("path", ["fused", "parallel"])
+@pytest.mark.parametrize("path", ["fused", "parallel", "rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,shape,axis", CASES, ids=[c[0] for c in CASES])
 def test_streamed_passes_write_the_ordinary_bits(rng, monkeypatch, name, shape, axis, dtype,
@@ -341,6 +343,7 @@ def test_outputs_stream_from_the_configured_size(monkeypatch, threshold, expecte
     least ``config.STREAM_MIN_BYTES`` bytes."""
     monkeypatch.setattr(config, "SERIAL_MAX", 0)
     monkeypatch.setattr(config, "STREAM_MIN_BYTES", threshold)
+    monkeypatch.setattr(config, "PLANAR_ROWS_MAX_RUN_BYTES", 0)  # the planar kernels too
     seen = {}
 
     def spy(module, name):

@@ -115,9 +115,28 @@ def _stream(out):
     return out.nbytes >= config.STREAM_MIN_BYTES
 
 
+def _planar_rows(x, out):
+    """Whether a planar pass over ``x`` into ``out`` runs as an interleaved pass over
+    rows of ``C * inner`` values (``config.PLANAR_ROWS_MAX_RUN_BYTES``)."""
+    outer, C, inner = x.shape
+    return (inner * x.itemsize < config.PLANAR_ROWS_MAX_RUN_BYTES
+            and C * inner <= config.PLANAR_ROWS_MAX_VALUES
+            and x.flags.c_contiguous and out.flags.c_contiguous)
+
+
 def normalize(x, center, scale, shift, out):
-    """The parallel elementwise pass (small batches normalize inside their serial kernel)."""
-    if x.ndim == 3:
+    """The parallel elementwise pass (small batches normalize inside their serial kernel).
+
+    A planar batch of short runs is normalized as rows of ``C * inner`` values
+    with each channel's coefficients repeated ``inner`` times: the same
+    expressions, so the same bits, without a run's fixed cost.
+    """
+    if x.ndim == 3 and _planar_rows(x, out):
+        outer, C, inner = x.shape
+        fwd.normalize_interleaved(x.reshape(outer, C * inner), np.repeat(center, inner),
+                                  np.repeat(scale, inner), np.repeat(shift, inner),
+                                  out.reshape(outer, C * inner), _stream(out))
+    elif x.ndim == 3:
         fwd.normalize_planar(x, center, scale, shift, out, _stream(out))
     else:
         fwd.normalize_interleaved(x, center, scale, shift, out, _stream(out))
@@ -166,7 +185,10 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     else:
         mu = np.empty(C)
         m2 = np.empty(C)
-        if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
+        # Short runs normalize faster as rows (``normalize``) than inside the
+        # fused per-channel task (256x512x7x7 float32: 4.1 -> 2.4 copy-times).
+        if (x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize)
+                and not _planar_rows(x, out)):
             fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
         else:
             mu, m2 = batch_moments(x)
