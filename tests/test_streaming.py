@@ -179,6 +179,7 @@ def test_periodic_extends_the_coefficients_by_a_vector():
     a = np.arange(5.0)
     assert_same(streaming.periodic(a, 4), np.resize(a, 5 + 16))
     assert_same(streaming.periodic(a[:1], 8), np.zeros(9))
+    assert_same(streaming.periodic(a, 8, 3), np.resize(np.repeat(a, 3), 15 + 8))
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "ordinary"])

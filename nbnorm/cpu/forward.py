@@ -157,8 +157,10 @@ def normalize_planar(x, center, scale, shift, out, stream):
 
 
 @njit(parallel=True, cache=True)
-def normalize_interleaved(x, center, scale, shift, out, stream):
-    """``out`` may be ``x``; ``stream`` as in ``normalize_planar``.
+def normalize_interleaved(x, center, scale, shift, out, stream, repeat=1):
+    """``out`` may be ``x``; ``stream`` as in ``normalize_planar``; each value of
+    ``center``, ``scale`` and ``shift`` serves ``repeat`` consecutive columns (a
+    planar batch of short runs viewed as rows of ``C * inner``: ``repeat = inner``).
 
     A task's rows are one run of ``x`` and ``out`` as 1-D arrays, written by a
     column intrinsic (``streaming._cols``), so that no row boundary splits a
@@ -180,10 +182,10 @@ def normalize_interleaved(x, center, scale, shift, out, stream):
     yf = out.reshape(-1)
     offset = offsets(center, scale, shift)
     isz = out.itemsize
-    cp = streaming.periodic(center, isz)
-    sp = streaming.periodic(scale, isz)
-    bp = streaming.periodic(shift, isz)
-    op = streaming.periodic(offset, isz)
+    cp = streaming.periodic(center, isz, repeat)
+    sp = streaming.periodic(scale, isz, repeat)
+    bp = streaming.periodic(shift, isz, repeat)
+    op = streaming.periodic(offset, isz, repeat)
     tasks, step = task_split(outer, C)
     for t in prange(tasks):
         r0 = min(outer, t * step)

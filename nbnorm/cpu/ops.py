@@ -128,14 +128,13 @@ def normalize(x, center, scale, shift, out):
     """The parallel elementwise pass (small batches normalize inside their serial kernel).
 
     A planar batch of short runs is normalized as rows of ``C * inner`` values
-    with each channel's coefficients repeated ``inner`` times: the same
+    with each channel's coefficients serving ``inner`` columns: the same
     expressions, so the same bits, without a run's fixed cost.
     """
     if x.ndim == 3 and _planar_rows(x, out):
         outer, C, inner = x.shape
-        fwd.normalize_interleaved(x.reshape(outer, C * inner), np.repeat(center, inner),
-                                  np.repeat(scale, inner), np.repeat(shift, inner),
-                                  out.reshape(outer, C * inner), _stream(out))
+        fwd.normalize_interleaved(x.reshape(outer, C * inner), center, scale, shift,
+                                  out.reshape(outer, C * inner), _stream(out), inner)
     elif x.ndim == 3:
         fwd.normalize_planar(x, center, scale, shift, out, _stream(out))
     else:

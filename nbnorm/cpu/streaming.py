@@ -111,13 +111,14 @@ def _cols(expr, flat, y, i0, i1, c0, period, stream, *operands):
 
 
 @njit(cache=True)
-def periodic(a, itemsize):
+def periodic(a, itemsize, repeat=1):
     """``a`` extended periodically, in float64, for the coefficients of a ``_cols``
-    intrinsic writing ``itemsize``-byte values: ``a.size + LINE // itemsize``
-    values, the ``j``-th ``a[j % a.size]``."""
-    p = np.empty(a.size + LINE // itemsize)
+    intrinsic writing ``itemsize``-byte values, each value of ``a`` serving
+    ``repeat`` consecutive columns: ``a.size * repeat + LINE // itemsize``
+    values, the ``j``-th ``a[j // repeat % a.size]``."""
+    p = np.empty(a.size * repeat + LINE // itemsize)
     for j in range(p.size):
-        p[j] = a[j % a.size]
+        p[j] = a[j // repeat % a.size]
     return p
 
 
