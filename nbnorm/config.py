@@ -41,16 +41,23 @@ FUSE_MIN_C = 8
 #: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
 FUSE_MAX_BYTES = 4 << 20
 
-#: A planar normalizing pass whose runs (``inner`` values, one channel of one
-#: batch row) are shorter than this many bytes, and whose batch rows hold at
-#: most PLANAR_ROWS_MAX_VALUES values, runs as an interleaved pass over rows of
-#: ``C * inner`` values with per-value coefficients (``cpu.ops.normalize``): a
-#: run's fixed cost is most of a 7x7 map's time.  Measured (normalizing pass, x
+#: A planar normalizing or ``grad_input`` pass whose runs (``inner`` values, one
+#: channel of one batch row) are shorter than this many bytes, and whose batch
+#: rows hold at most PLANAR_ROWS_MAX_VALUES values, runs as an interleaved pass
+#: over rows of ``C * inner`` values with per-value coefficients
+#: (``cpu.ops._planar_rows``): a run's fixed cost is most of a 7x7 map's time.  Measured (normalizing pass, x
 #: copy time, same process, Zen 3): 256x512x7x7 float32 1.94 -> 0.73, float64
 #: 1.15 -> 0.65; 1024x64x4x4 float32 5.86 -> 1.14; but 64x256x14x14 float32
 #: 0.79 -> 1.32 (its 400 KB coefficient tables no longer stay in cache).
 PLANAR_ROWS_MAX_RUN_BYTES = 512
 PLANAR_ROWS_MAX_VALUES = 32768
+
+#: A parallel planar reduction gives each task a group of adjacent channels
+#: that reads at least this many bytes of each batch row (``cpu.stats.planar_group``):
+#: short runs read one by one pay a run's fixed cost and a jump each...
+PLANAR_GROUP_BYTES = 8192
+#: ...but it keeps at least this many tasks where there are that many channels.
+PLANAR_GROUP_MIN_TASKS = 4
 
 def _parse_cache_size(text):
     """Bytes of a sysfs cache size such as ``"32768K"`` or ``"1M"``; None if unreadable."""

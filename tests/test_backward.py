@@ -293,3 +293,33 @@ def test_parameters_of_any_float_dtype(rng, monkeypatch, shape, axis, path, trai
     for name, a, e in zip(got._fields, got, exp):
         assert_same(a, e, name)
     _check(got, reference.backward(dy, x, *params, training=training, axis=axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,rows", [((90, 8, 7, 7), True), ((12, 8, 40, 40), False)],
+                         ids=["7x7", "40x40"])
+def test_short_runs_take_grad_input_as_rows(rng, monkeypatch, shape, rows, dtype):
+    """Training backward of a planar batch of short runs reduces by channel groups
+    and writes ``grad_input`` by the interleaved pass over rows of C*inner values,
+    also in place, with bitwise the planar kernels' gradients; other planar
+    batches keep the fused kernel."""
+    from nbnorm.cpu import backward as bwd
+
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)
+    calls = []
+    for name in ("train_planar", "backward_reduce_planar", "grad_input_planar",
+                 "grad_input_interleaved"):
+        kernel = getattr(bwd, name)
+        monkeypatch.setattr(bwd, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, 1, dtype, True, True)
+    got = nbnorm.backward(dy, x, mean, invstd, w)
+    in_place = nbnorm.backward(dy.copy(), x, mean, invstd, w, grad_input=dy.copy())
+    assert calls == (["backward_reduce_planar", "grad_input_interleaved"] * 2 if rows
+                     else ["train_planar"] * 2)
+    monkeypatch.setattr(config, "PLANAR_ROWS_MAX_RUN_BYTES", 0)  # never rows
+    monkeypatch.setattr(config, "FUSE_MIN_C", 1 << 62)
+    exp = nbnorm.backward(dy, x, mean, invstd, w)
+    for g in (got, in_place):
+        for name, a, e in zip(g._fields, g, exp):
+            assert_same(a, e, name)
+    _check(got, reference.backward(dy, x, mean, invstd, w), dtype)

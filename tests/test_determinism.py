@@ -39,6 +39,8 @@ SMALL_CASES = [
     ("interleaved-small-f32", (3001, 3), 1, "float32"),
     ("NCHW-small-f32", (3, 4, 17, 19), 1, "float32"),
     ("NHWC-small-f64", (6, 9, 11, 5), -1, "float64"),
+    # Short runs: reduced by groups of channels, normalized and differentiated as rows.
+    ("NCHW-7x7-small-f32", (40, 12, 7, 7), 1, "float32"),
 ]
 
 CHILD = r"""
@@ -122,3 +124,36 @@ def test_bitwise_identical_across_thread_counts(rng, cases, cfg):
     differ = {name: [k for k in one[name] if one[name][k] != two[name][k]] for name in one}
     differ = {name: keys for name, keys in differ.items() if keys}
     assert not differ, f"differ between 1 and 2 threads: {differ}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(40, 12, 7, 7), (3, 5, 1001), (200, 3, 4, 4)],
+                         ids=["7x7", "long-runs", "4x4"])
+def test_planar_channel_groups_change_no_bits(rng, monkeypatch, shape, dtype):
+    """The parallel planar reductions give bitwise the same per-channel results for
+    every group size (``stats.planar_group`` is free to tune), with blocks and
+    parts that split runs, and equal the serial kernels' bits."""
+    from nbnorm.cpu import backward as bwd, stats
+
+    monkeypatch.setattr(config, "BLOCK", 60)  # not a multiple of 49, 1001 or 16
+    monkeypatch.setattr(config, "MIN_PART", 150)
+    outer, C = shape[:2]
+    x = (rng.standard_normal(shape) * 2.0 + 7.0).astype(dtype).reshape(outer, C, -1)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    parts = stats.planar_parts(*x.shape)
+    assert parts > 1 and -(-outer * x.shape[2] // parts) % x.shape[2]  # parts split runs
+    mean, m2 = np.empty(C), np.empty(C)
+    stats.channel_stats_planar_serial(x, parts, config.BLOCK, mean, m2)
+    ref = x.reshape(outer, C, -1).transpose(1, 0, 2).reshape(C, -1).astype(np.float64)
+    np.testing.assert_allclose(mean, ref.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(m2, ((ref - ref.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
+                               rtol=1e-9)
+    s, sx = np.empty(C), np.empty(C)
+    bwd._planar_channel_dual_sums(dy, x, 0, C, parts, mean, s, sx)
+    for group in range(1, C + 1):
+        gm, gq, gs, gsx = (np.full(C, np.nan) for _ in range(4))
+        stats.channel_stats_planar(x, parts, config.BLOCK, group, gm, gq)
+        bwd.backward_reduce_planar(dy, x, mean, parts, group, gs, gsx)
+        for name, a, e in [("mean", gm, mean), ("M2", gq, m2), ("sum_dy", gs, s),
+                           ("sum_dy_xmu", gsx, sx)]:
+            assert a.tobytes() == e.tobytes(), f"{name}, groups of {group}"

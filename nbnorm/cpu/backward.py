@@ -10,7 +10,10 @@ the same functions on the same parts in the same order as
 ``backward_reduce_planar`` + ``grad_input_planar``, so the two paths agree bit
 for bit.  ``backward_serial_*`` do everything on the calling thread for small
 batches.  ``mean``, ``invstd``, ``weight`` are float64; ``weight`` may have
-length 0 (scale 1).
+length 0 (scale 1).  float32 ``grad_input`` is computed as ``k*dy + (q*x + r)``
+by every kernel, planar or interleaved (``_grad_rows``).  A planar batch of
+short runs reduces by channel groups and writes ``grad_input`` by
+``grad_input_interleaved`` over rows of ``C * inner`` values (``ops``).
 """
 
 import numpy as np
@@ -19,7 +22,7 @@ from numba import njit, prange
 from .. import config
 from . import streaming
 from .forward import _normalize_run, normalize_serial_interleaved, task_split
-from .stats import _UNROLL_MIN_C, tile, widen
+from .stats import _UNROLL_MIN_C, group_task, tile, widen
 
 _FM = set(config.FASTMATH)
 
@@ -36,53 +39,58 @@ def _run_dual_sum(dy, x, m):
 
 
 @njit(cache=True)
-def _planar_part_dual_sum(dy, x, c, j0, j1, m):
+def _planar_part_dual_sums(dy, x, c0, c1, j0, j1, mean, s, sx):
+    """``sum(dy)`` and ``sum(dy * (x - mean[c]))`` of elements ``[j0, j1)`` of each
+    channel ``c0 <= c < c1`` into ``s[c - c0]``, ``sx[c - c0]``: the channels' runs
+    row by row, each channel's in order (see ``stats.planar_group``)."""
     inner = x.shape[2]
-    s = 0.0
-    sx = 0.0
-    j = j0
-    while j < j1:
-        o, i = divmod(j, inner)
-        e = min(inner, i + j1 - j)
-        a, b = _run_dual_sum(dy[o, c, i:e], x[o, c, i:e], m)
-        s += a
-        sx += b
-        j += e - i
-    return s, sx
+    G = c1 - c0
+    s[:G] = 0.0
+    sx[:G] = 0.0
+    for o in range(j0 // inner, -(-j1 // inner)):
+        i0 = max(0, j0 - o * inner)
+        i1 = min(inner, j1 - o * inner)
+        for g in range(G):
+            c = c0 + g
+            a, b = _run_dual_sum(dy[o, c, i0:i1], x[o, c, i0:i1], np.float64(mean[c]))
+            s[g] += a
+            sx[g] += b
 
 
 @njit(cache=True)
-def _planar_channel_dual_sum(dy, x, c, parts, m):
-    """``backward_reduce_planar`` for one channel, all parts in one task."""
+def _planar_channel_dual_sums(dy, x, c0, c1, parts, mean, sum_dy_out, sum_dy_xmu_out):
+    """``backward_reduce_planar`` for channels ``[c0, c1)``, all parts in one task."""
     n = x.shape[0] * x.shape[2]
     step = -(-n // parts)
-    s = 0.0
-    sx = 0.0
+    G = c1 - c0
+    w = np.empty((2, G))
+    sum_dy_out[c0:c1] = 0.0
+    sum_dy_xmu_out[c0:c1] = 0.0
     for p in range(parts):
         j0 = min(n, p * step)
-        a, b = _planar_part_dual_sum(dy, x, c, j0, min(n, j0 + step), m)
-        s += a
-        sx += b
-    return s, sx
+        _planar_part_dual_sums(dy, x, c0, c1, j0, min(n, j0 + step), mean, w[0], w[1])
+        for g in range(G):
+            sum_dy_out[c0 + g] += w[0, g]
+            sum_dy_xmu_out[c0 + g] += w[1, g]
 
 
 @njit(parallel=True, cache=True)
-def backward_reduce_planar(dy, x, mean, parts, sum_dy_out, sum_dy_xmu_out):
+def backward_reduce_planar(dy, x, mean, parts, group, sum_dy_out, sum_dy_xmu_out):
+    """One task per (group of ``group`` channels, part) (``stats.planar_group``)."""
     outer, C, inner = x.shape
     n = outer * inner
-    step = -(-n // parts)
-    ps = np.empty((C, parts))
-    psx = np.empty((C, parts))
-    for t in prange(C * parts):
-        c, p = divmod(np.int64(t), parts)
-        j0 = min(n, p * step)
-        ps[c, p], psx[c, p] = _planar_part_dual_sum(dy, x, c, j0, min(n, j0 + step), mean[c])
+    groups = -(-C // group)
+    ps = np.empty((parts, C))
+    psx = np.empty((parts, C))
+    for t in prange(groups * parts):
+        p, c0, c1, j0, j1 = group_task(t, parts, group, C, n)
+        _planar_part_dual_sums(dy, x, c0, c1, j0, j1, mean, ps[p, c0:c1], psx[p, c0:c1])
     for c in prange(C):
         s = 0.0
         sx = 0.0
         for p in range(parts):
-            s += ps[c, p]
-            sx += psx[c, p]
+            s += ps[p, c]
+            sx += psx[p, c]
         sum_dy_out[c] = s
         sum_dy_xmu_out[c] = sx
 
@@ -179,21 +187,31 @@ def grad_coeffs(c, n, s, sx, inv, weight):
 
 @njit(cache=True)
 def _grad_run(gr, xr, yr, m, a, b, k, stream):
-    """``yr = k * (gr - a - (xr - m) * b)`` for scalar coefficients; ``stream``: its
-    whole lines with streaming stores (``streaming``), the same bits."""
+    """``yr = k * (gr - a - (xr - m) * b)`` for scalar coefficients (float32 data:
+    ``k * gr + (q * xr + r)``, see ``_grad_rows``); ``stream``: its whole lines
+    with streaming stores (``streaming``), the same bits."""
     h, e = streaming.span(yr) if stream else (yr.size, yr.size)
-    for i in range(h):
-        yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
-    if e > h:
-        streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k)
-    for i in range(e, yr.size):
-        yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+    if xr.itemsize == 4:  # a constant of the compiled signature
+        q, r = _affine_coeffs(m, a, b, k)
+        for i in range(h):
+            yr[i] = k * np.float64(gr[i]) + (q * np.float64(xr[i]) + r)
+        if e > h:
+            streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r)
+        for i in range(e, yr.size):
+            yr[i] = k * np.float64(gr[i]) + (q * np.float64(xr[i]) + r)
+    else:
+        for i in range(h):
+            yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+        if e > h:
+            streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k)
+        for i in range(e, yr.size):
+            yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
 
 
 @njit(cache=True)
 def _affine_coeffs(mean, a, b, k):
     """``(q, r)`` of ``dx = k*dy + (q*x + r)``, the same map as
-    ``dx = k * (dy - a - (x - mean) * b)``."""
+    ``dx = k * (dy - a - (x - mean) * b)`` (arrays or scalars: the same bits)."""
     return -k * b, k * (b * mean - a)
 
 
@@ -263,22 +281,29 @@ def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
 
 
 @njit(parallel=True, cache=True)
-def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream):
+def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream, repeat=1):
     """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])`` of ``x[outer, C]``; ``dx``
     may be ``dy``; ``stream`` as in ``grad_input_planar``.  A task's rows are one
-    run, as in ``forward.normalize_interleaved``."""
+    run, as in ``forward.normalize_interleaved``; each coefficient serves
+    ``repeat`` consecutive columns (a planar batch of short runs viewed as rows
+    of ``C * inner``: ``repeat = inner``, the bits of ``grad_input_planar``)."""
     outer, C = x.shape
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     yf = dx.reshape(-1)
-    q, r = _affine_coeffs(mean, a, b, k)
     isz = dx.itemsize
-    mp = streaming.periodic(mean, isz)
-    ap = streaming.periodic(a, isz)
-    bp = streaming.periodic(b, isz)
-    kp = streaming.periodic(k, isz)
-    qp = streaming.periodic(q, isz)
-    rp = streaming.periodic(r, isz)
+    if isz == 4:  # only k, q and r are read (``_grad_rows``)
+        q, r = _affine_coeffs(mean, a, b, k)
+        kp = streaming.periodic(k, isz, repeat)
+        qp = streaming.periodic(q, isz, repeat)
+        rp = streaming.periodic(r, isz, repeat)
+        mp = ap = bp = kp
+    else:  # only mean, a, b and k
+        mp = streaming.periodic(mean, isz, repeat)
+        ap = streaming.periodic(a, isz, repeat)
+        bp = streaming.periodic(b, isz, repeat)
+        kp = streaming.periodic(k, isz, repeat)
+        qp = rp = kp
     tasks, step = task_split(outer, C)
     for t in prange(tasks):
         r0 = min(outer, t * step)
@@ -297,9 +322,9 @@ def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_
     ``_grad_run``."""
     outer, C, inner = x.shape
     m = np.float64(mean[c])
-    s, sx = _planar_channel_dual_sum(dy, x, c, parts, m)
-    sum_dy_out[c] = s
-    sum_dy_xmu_out[c] = sx
+    _planar_channel_dual_sums(dy, x, c, c + 1, parts, mean, sum_dy_out, sum_dy_xmu_out)
+    s = sum_dy_out[c]
+    sx = sum_dy_xmu_out[c]
     a, b, k = grad_coeffs(c, outer * inner, s, sx, invstd[c], weight)
     for o in range(outer):
         if training:

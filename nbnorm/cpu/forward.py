@@ -235,9 +235,9 @@ def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out, stre
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
-        mu, m2 = stats.channel_moments_planar(x, c, parts, block)
-        mean_out[c] = mu
-        m2_out[c] = m2
+        stats.channel_moments_planar(x, c, c + 1, parts, block, mean_out, m2_out)
+        mu = mean_out[c]
+        m2 = m2_out[c]
         s, b = scale_shift(c, n, eps, mu, m2, weight, bias)
         for o in range(outer):
             _normalize_run(x[o, c], out[o, c], mu, s, b, stream)
@@ -334,8 +334,7 @@ def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, ou
     n = outer * inner
     mu = np.empty(C)
     m2 = np.empty(C)
-    for c in range(C):
-        mu[c], m2[c] = stats.channel_moments_planar(x, c, parts, block)
+    stats.channel_moments_planar(x, 0, C, parts, block, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False
     for c in range(C):

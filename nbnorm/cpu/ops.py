@@ -14,7 +14,10 @@ the thread count:
   ``config.FUSE_MAX_BYTES``: one parallel task per channel reduces it and
   normalizes it (or computes its gradient) while it is still in cache.
 - otherwise: a parallel reduction over (channel, part) tasks, then a parallel
-  elementwise pass.
+  elementwise pass.  A planar reduction's task takes a group of adjacent
+  channels (``stats.planar_group``) so that short runs read as long ones; a
+  planar batch of short runs (``_planar_rows``) takes this path, and its
+  elementwise pass runs over rows of ``C * inner`` values.
 
 Every path computes the same parts with the same functions and merges them in
 the same order, so they agree bit for bit.
@@ -96,9 +99,12 @@ def batch_moments(x, serial=False):
     C = x.shape[1]
     mean = np.empty(C)
     m2 = np.empty(C)
-    if x.ndim == 3:
-        kernel = stats.channel_stats_planar_serial if serial else stats.channel_stats_planar
-        kernel(x, _parts(x), config.BLOCK, mean, m2)
+    if x.ndim == 3 and serial:
+        stats.channel_stats_planar_serial(x, _parts(x), config.BLOCK, mean, m2)
+    elif x.ndim == 3:
+        parts = _parts(x)
+        stats.channel_stats_planar(x, parts, config.BLOCK,
+                                   stats.planar_group(*x.shape, x.itemsize, parts), mean, m2)
     elif serial:
         wide, parts = stats.interleaved_split(*x.shape)
         stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK, mean, m2)
@@ -116,8 +122,10 @@ def _stream(out):
 
 
 def _planar_rows(x, out):
-    """Whether a planar pass over ``x`` into ``out`` runs as an interleaved pass over
-    rows of ``C * inner`` values (``config.PLANAR_ROWS_MAX_RUN_BYTES``)."""
+    """Whether a planar pass over ``x`` into ``out`` (normalizing, or ``grad_input``)
+    runs as an interleaved pass over rows of ``C * inner`` values
+    (``config.PLANAR_ROWS_MAX_RUN_BYTES``), and the training kernels skip the
+    fused per-channel ones, whose runs would be short."""
     outer, C, inner = x.shape
     return (inner * x.itemsize < config.PLANAR_ROWS_MAX_RUN_BYTES
             and C * inner <= config.PLANAR_ROWS_MAX_VALUES
@@ -250,17 +258,26 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     w = _param(weight)
     s = np.empty(C)
     sx = np.empty(C)
-    if training and planar and _fused(x, x.itemsize * 2):
+    rows = planar and _planar_rows(x, grad_input)
+    if training and planar and _fused(x, x.itemsize * 2) and not rows:
         bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
     else:
         if planar:
-            bwd.backward_reduce_planar(dy, x, mu, _parts(x), s, sx)
+            parts = _parts(x)
+            bwd.backward_reduce_planar(dy, x, mu, parts,
+                                       stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
         else:
             wide, parts = stats.interleaved_split(*x.shape)
             bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
                                             _work(parts, 2, wide * C))
         k = inv * w if w.size else inv
-        if training and planar:
+        if training and rows:  # short runs: as rows, as ``normalize`` does; same bits
+            outer, C, inner = x.shape
+            rows_of = (outer, C * inner)
+            bwd.grad_input_interleaved(dy.reshape(rows_of), x.reshape(rows_of), mu, s / n,
+                                       sx * inv * inv / n, k, grad_input.reshape(rows_of),
+                                       _stream(grad_input), inner)
+        elif training and planar:
             bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
                                   _stream(grad_input))
         elif training:
