@@ -38,8 +38,19 @@ SERIAL_MAX = 32768
 #: gradient) in one task, while the channel is still in cache, when there are at
 #: least FUSE_MIN_C channels to spread over the threads...
 FUSE_MIN_C = 8
-#: ...and a channel's task reads at most this many bytes (x; dy and x for backward).
+#: ...and a channel's task reads at most this many bytes (x; dy and x for backward)...
 FUSE_MAX_BYTES = 4 << 20
+#: ...in runs (``inner`` values of x, one channel of one batch row) of at least
+#: this many bytes: a channel task pays a fixed cost per run in each of its
+#: passes, while the unfused reductions read groups of short runs as one
+#: (``cpu.stats.planar_group``).  Measured (x copy time, same process, Zen 3,
+#: fused -> unfused; two processes): 64x256x14x14 float32 (784-byte runs)
+#: forward-train 2.26/2.30 -> 1.80/1.88, backward 2.76/2.98 -> 2.25/2.13;
+#: 128x256x14x14 float32 forward 1.96/1.52 -> 1.80/1.31; but float64 14x14
+#: (1568 bytes) 1.28 -> 1.42 and 28x28 float32 (3136 bytes) 0.98/0.87 ->
+#: 1.13/1.11 stay fused.  Shorter runs also normalize as rows
+#: (PLANAR_ROWS_MAX_RUN_BYTES).
+FUSE_MIN_RUN_BYTES = 1024
 
 #: A planar normalizing or ``grad_input`` pass whose runs (``inner`` values, one
 #: channel of one batch row) are shorter than this many bytes, and whose batch

@@ -84,7 +84,8 @@ def assert_same(a, b, what=""):
 _NO_ROWS = dict(PLANAR_ROWS_MAX_RUN_BYTES=0)
 KERNEL_PATHS = {
     "serial": dict(SERIAL_MAX=1 << 62),
-    "fused": dict(SERIAL_MAX=0, FUSE_MIN_C=1, FUSE_MAX_BYTES=1 << 62, **_NO_ROWS),
+    "fused": dict(SERIAL_MAX=0, FUSE_MIN_C=1, FUSE_MAX_BYTES=1 << 62, FUSE_MIN_RUN_BYTES=0,
+                  **_NO_ROWS),
     "parallel": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62, **_NO_ROWS),
     "rows": dict(SERIAL_MAX=0, FUSE_MIN_C=1 << 62, PLANAR_ROWS_MAX_RUN_BYTES=1 << 62,
                  PLANAR_ROWS_MAX_VALUES=1 << 62),

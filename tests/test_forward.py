@@ -559,13 +559,16 @@ def test_inference_parameters_of_any_float_dtype(rng, monkeypatch, shape, axis, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,rows", [((90, 8, 7, 7), True), ((12, 8, 40, 40), False),
-                                        ((40, 400, 3, 1), False)],
-                         ids=["7x7", "40x40", "C*inner-too-wide"])
-def test_short_runs_normalize_as_rows(rng, monkeypatch, shape, rows, dtype):
+@pytest.mark.parametrize("shape,expected_kernels", [
+    ((90, 8, 7, 7), ["normalize_interleaved"] * 2),
+    ((12, 8, 40, 40), ["train_planar", "normalize_planar"]),
+    ((40, 400, 3, 1), ["normalize_planar"] * 2),
+], ids=["7x7", "40x40", "C*inner-too-wide"])
+def test_short_runs_normalize_as_rows(rng, monkeypatch, shape, expected_kernels, dtype):
     """A planar batch of short runs (and not too wide rows) is normalized by the
-    interleaved pass over rows of C*inner values, in training (unfused) and in
-    inference, with the planar kernel's bits; other planar batches keep it."""
+    interleaved pass over rows of C*inner values, in training and in inference,
+    with the planar kernel's bits; other planar batches keep it.  Runs shorter
+    than ``config.FUSE_MIN_RUN_BYTES`` are never fused, rows or not."""
     from nbnorm.cpu import forward as fwd
 
     monkeypatch.setattr(config, "SERIAL_MAX", 0)
@@ -576,8 +579,6 @@ def test_short_runs_normalize_as_rows(rng, monkeypatch, shape, rows, dtype):
         monkeypatch.setattr(fwd, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     x, w, b, rm, rv = _args(rng, shape, 1, dtype, True, "train+running")
     got = [nbnorm.forward(x, w, b, axis=1), nbnorm.forward(x, w, b, rm, rv, training=False)]
-    expected_kernels = (["normalize_interleaved"] * 2 if rows
-                        else ["train_planar", "normalize_planar"])
     assert calls == expected_kernels
     monkeypatch.setattr(config, "PLANAR_ROWS_MAX_RUN_BYTES", 0)  # never rows
     monkeypatch.setattr(config, "FUSE_MIN_C", 1 << 62)

@@ -345,6 +345,7 @@ def test_outputs_stream_from_the_configured_size(monkeypatch, threshold, expecte
     monkeypatch.setattr(config, "SERIAL_MAX", 0)
     monkeypatch.setattr(config, "STREAM_MIN_BYTES", threshold)
     monkeypatch.setattr(config, "PLANAR_ROWS_MAX_RUN_BYTES", 0)  # the planar kernels too
+    monkeypatch.setattr(config, "FUSE_MIN_RUN_BYTES", 0)  # and the fused ones
     seen = {}
 
     def spy(module, name):

@@ -10,8 +10,9 @@ the thread count:
 
 - ``x.size <= config.SERIAL_MAX``: one serial kernel does the whole call on the
   calling thread (a parallel launch costs more than the work).
-- planar, ``C >= config.FUSE_MIN_C`` and a channel of at most
-  ``config.FUSE_MAX_BYTES``: one parallel task per channel reduces it and
+- planar, ``C >= config.FUSE_MIN_C``, a channel of at most
+  ``config.FUSE_MAX_BYTES`` and runs of at least ``config.FUSE_MIN_RUN_BYTES``:
+  one parallel task per channel reduces it and
   normalizes it (or computes its gradient) while it is still in cache.
 - otherwise: a parallel reduction over (channel, part) tasks, then a parallel
   elementwise pass.  A planar reduction's task takes a group of adjacent
@@ -86,7 +87,8 @@ def _fused(x, itemsize):
     (x for forward; dy and x for backward).
     """
     outer, C, inner = x.shape
-    return C >= config.FUSE_MIN_C and outer * inner * itemsize <= config.FUSE_MAX_BYTES
+    return (C >= config.FUSE_MIN_C and outer * inner * itemsize <= config.FUSE_MAX_BYTES
+            and inner * x.itemsize >= config.FUSE_MIN_RUN_BYTES)
 
 
 def batch_moments(x, serial=False):
@@ -124,8 +126,7 @@ def _stream(out):
 def _planar_rows(x, out):
     """Whether a planar pass over ``x`` into ``out`` (normalizing, or ``grad_input``)
     runs as an interleaved pass over rows of ``C * inner`` values
-    (``config.PLANAR_ROWS_MAX_RUN_BYTES``), and the training kernels skip the
-    fused per-channel ones, whose runs would be short."""
+    (``config.PLANAR_ROWS_MAX_RUN_BYTES``): the same expressions, the same bits."""
     outer, C, inner = x.shape
     return (inner * x.itemsize < config.PLANAR_ROWS_MAX_RUN_BYTES
             and C * inner <= config.PLANAR_ROWS_MAX_VALUES
@@ -192,10 +193,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
     else:
         mu = np.empty(C)
         m2 = np.empty(C)
-        # Short runs normalize faster as rows (``normalize``) than inside the
-        # fused per-channel task (256x512x7x7 float32: 4.1 -> 2.4 copy-times).
-        if (x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize)
-                and not _planar_rows(x, out)):
+        if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
             fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
         else:
             mu, m2 = batch_moments(x)
@@ -258,8 +256,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     w = _param(weight)
     s = np.empty(C)
     sx = np.empty(C)
-    rows = planar and _planar_rows(x, grad_input)
-    if training and planar and _fused(x, x.itemsize * 2) and not rows:
+    if training and planar and _fused(x, x.itemsize * 2):
         bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
     else:
         if planar:
@@ -271,7 +268,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
             bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
                                             _work(parts, 2, wide * C))
         k = inv * w if w.size else inv
-        if training and rows:  # short runs: as rows, as ``normalize`` does; same bits
+        if training and planar and _planar_rows(x, grad_input):  # as ``normalize``
             outer, C, inner = x.shape
             rows_of = (outer, C * inner)
             bwd.grad_input_interleaved(dy.reshape(rows_of), x.reshape(rows_of), mu, s / n,
