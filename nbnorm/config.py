@@ -56,12 +56,18 @@ FUSE_MIN_RUN_BYTES = 1024
 #: channel of one batch row) are shorter than this many bytes, and whose batch
 #: rows hold at most PLANAR_ROWS_MAX_VALUES values, runs as an interleaved pass
 #: over rows of ``C * inner`` values with per-value coefficients
-#: (``cpu.ops._planar_rows``): a run's fixed cost is most of a 7x7 map's time.  Measured (normalizing pass, x
-#: copy time, same process, Zen 3): 256x512x7x7 float32 1.94 -> 0.73, float64
-#: 1.15 -> 0.65; 1024x64x4x4 float32 5.86 -> 1.14; but 64x256x14x14 float32
-#: 0.79 -> 1.32 (its 400 KB coefficient tables no longer stay in cache).
+#: (``cpu.ops._planar_rows``): a run's fixed cost is most of a 7x7 map's time.
+#: Measured (normalizing pass, x copy time, same process, Zen 3): 256x512x7x7
+#: float32 1.94 -> 0.73, float64 1.15 -> 0.65; 1024x64x4x4 float32 5.86 ->
+#: 1.14; but 64x256x14x14 float32 (784-byte runs) 0.79 -> 1.32.  Rows of up
+#: to 131072 values still win with short runs, although their coefficient
+#: tables outgrow L2 (whole steps, 32768 -> 131072: 128x1024x7x7 float32
+#: forward-train 3.17 -> 1.74, inference 2.21 -> 0.76, backward 3.89 -> 2.21;
+#: float64 1.72 -> 1.26, 1.08 -> 0.58, 2.23 -> 1.81).  The limit bounds the
+#: tables, the pass's only extra memory: at most four of 131072 float64
+#: values (4 MiB), whatever the batch size.
 PLANAR_ROWS_MAX_RUN_BYTES = 512
-PLANAR_ROWS_MAX_VALUES = 32768
+PLANAR_ROWS_MAX_VALUES = 131072
 
 #: A parallel planar reduction gives each task a group of adjacent channels
 #: that reads at least this many bytes of each batch row (``cpu.stats.planar_group``):
