@@ -10,7 +10,7 @@ import numpy as np
 
 import nbnorm
 
-from .common import DTYPES, LAYOUTS, SIZES, batch
+from .common import DTYPES, LAYOUTS, MAPS, SIZES, batch, map_batch
 
 
 class BatchNorm:
@@ -21,6 +21,9 @@ class BatchNorm:
 
     def setup(self, layout, dtype, size):
         self.b = batch(layout, dtype, size)
+        self.warm_up()
+
+    def warm_up(self):
         # Warm up: JIT (or load from cache) every kernel on the real shapes.
         self.forward_train()
         self.forward_infer()
@@ -65,6 +68,18 @@ class BatchNorm:
 
     def peakmem_backward_train(self, layout, dtype, size):
         self.backward_train()
+
+
+class SmallMaps(BatchNorm):
+    """NCHW batches of 7x7, 4x4 and 14x14 maps (runs of 49, 16 and 196 values),
+    with ``BatchNorm``'s timings: ``map`` takes the place of ``layout``."""
+
+    params = (list(MAPS), DTYPES, SIZES)
+    param_names = ["map", "dtype", "size"]
+
+    def setup(self, map, dtype, size):
+        self.b = map_batch(map, dtype, size)
+        self.warm_up()
 
 
 class SmallCall:

@@ -26,6 +26,11 @@ SHAPES = {
     ("NC", "small"): ((32, 64), 1),
 }
 
+#: NCHW batches of small feature maps (the later stages of a ResNet), whose
+#: short runs take kernel paths of their own (README, "Small feature maps");
+#: "small": the same maps and channels with a batch of 4.
+MAPS = {"7x7": (256, 512, 7, 7), "4x4": (1024, 64, 4, 4), "14x14": (64, 256, 14, 14)}
+
 LAYOUTS = ["NCHW", "NHWC", "NC"]
 DTYPES = ["float32", "float64"]
 SIZES = [s for s in ("small", "large")
@@ -35,8 +40,7 @@ SIZES = [s for s in ("small", "large")
 class Batch:
     """A batch with its parameters and every output preallocated."""
 
-    def __init__(self, layout, dtype, size):
-        shape, axis = SHAPES[layout, size]
+    def __init__(self, shape, axis, dtype):
         dtype = np.dtype(dtype)
         rng = np.random.default_rng(SEED)
         C = shape[axis]
@@ -58,4 +62,11 @@ class Batch:
 @functools.lru_cache(maxsize=2)
 def batch(layout, dtype, size):
     """The (cached) batch for one parameter combination."""
-    return Batch(layout, dtype, size)
+    return Batch(*SHAPES[layout, size], dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def map_batch(name, dtype, size):
+    """The (cached) NCHW batch of the feature maps ``name`` (a key of ``MAPS``)."""
+    shape = MAPS[name]
+    return Batch(shape if size == "large" else (4,) + shape[1:], 1, dtype)

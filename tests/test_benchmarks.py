@@ -115,6 +115,13 @@ def test_benchmark_methods_run_on_small_params(monkeypatch):
             b.setup(layout, dtype, "small")
             for m in methods:
                 getattr(b, m)(layout, dtype, "small")
+    maps = bench_batchnorm.SmallMaps()
+    assert maps.params[0] == ["7x7", "4x4", "14x14"]
+    for name in maps.params[0]:
+        maps.setup(name, "float32", "small")
+        assert maps.b.x.shape[0] == 4 and maps.b.x.shape[2:] == (int(name[0:name.index("x")]),) * 2
+        for m in methods:
+            getattr(maps, m)(name, "float32", "small")
     s = bench_batchnorm.SmallCall()
     s.setup()
     small = [m for m in dir(s) if m.startswith("time_")]
