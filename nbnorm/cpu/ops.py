@@ -150,6 +150,20 @@ def normalize(x, center, scale, shift, out):
         fwd.normalize_interleaved(x, center, scale, shift, out, _stream(out))
 
 
+def _grad_input_pass(dy, x, mean, a, b, k, dx):
+    """``dx = k * (dy - a - (x - mean) * b)``, the training-mode ``grad_input``
+    pass; a planar batch of short runs runs as rows, as in ``normalize``."""
+    if x.ndim == 3 and _planar_rows(x, dx):
+        outer, C, inner = x.shape
+        rows_of = (outer, C * inner)
+        bwd.grad_input_interleaved(dy.reshape(rows_of), x.reshape(rows_of), mean, a, b, k,
+                                   dx.reshape(rows_of), _stream(dx), inner)
+    elif x.ndim == 3:
+        bwd.grad_input_planar(dy, x, mean, a, b, k, dx, _stream(dx))
+    else:
+        bwd.grad_input_interleaved(dy, x, mean, a, b, k, dx, _stream(dx))
+
+
 def _scale_shift(inv, w, b, C):
     """What ``forward.affine`` computes, for all channels."""
     return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
@@ -268,18 +282,8 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
             bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
                                             _work(parts, 2, wide * C))
         k = inv * w if w.size else inv
-        if training and planar and _planar_rows(x, grad_input):  # as ``normalize``
-            outer, C, inner = x.shape
-            rows_of = (outer, C * inner)
-            bwd.grad_input_interleaved(dy.reshape(rows_of), x.reshape(rows_of), mu, s / n,
-                                       sx * inv * inv / n, k, grad_input.reshape(rows_of),
-                                       _stream(grad_input), inner)
-        elif training and planar:
-            bwd.grad_input_planar(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
-                                  _stream(grad_input))
-        elif training:
-            bwd.grad_input_interleaved(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input,
-                                       _stream(grad_input))
+        if training:
+            _grad_input_pass(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
         else:
             zeros = np.zeros(C)
             normalize(dy, zeros, k, zeros, grad_input)
