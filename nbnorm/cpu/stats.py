@@ -106,6 +106,21 @@ def chan_merge(na, ma, m2a, nb, mb, m2b):
     return n, ma + d * f, m2a + m2b + (d * na) * (d * f)
 
 
+@njit(cache=True, inline="always")
+def chan_merge_all(cnt, nb, mean, m2, bmean, bq):
+    """``chan_merge`` of ``(nb, bmean[i], bq[i])`` into ``(cnt, mean[i], m2[i])`` for
+    every ``i``; returns the new count.  The counts are the same for every ``i``,
+    so the division is hoisted and the loop vectorizes: same expressions, same
+    bits as ``chan_merge`` value by value."""
+    n = cnt + nb
+    f = nb / n
+    for i in range(mean.size):
+        d = bmean[i] - mean[i]
+        mean[i] = mean[i] + d * f
+        m2[i] = m2[i] + bq[i] + (d * cnt) * (d * f)
+    return n
+
+
 @njit(cache=True, fastmath=_FM)
 def _run_sum(r):
     s = 0.0
@@ -177,8 +192,7 @@ def _group_block_moments(x, c0, c1, j0, j1, bmean, bq):
 def planar_part_moments(x, c0, c1, j0, j1, block, mu, m2, bmean, bq):
     """(mean, M2) of elements ``[j0, j1)`` of channels ``[c0, c1)`` into ``mu[c - c0]``,
     ``m2[c - c0]``: blocks of ``block`` elements Chan-merged in order (``bmean``,
-    ``bq``: scratch).  Every channel of a group has the same counts, so the
-    merge's division is hoisted; same expressions, same bits as ``chan_merge``."""
+    ``bq``: scratch)."""
     G = c1 - c0
     mu[:G] = 0.0
     m2[:G] = 0.0
@@ -187,13 +201,7 @@ def planar_part_moments(x, c0, c1, j0, j1, block, mu, m2, bmean, bq):
     while j < j1:
         k = min(j1, j + block)
         _group_block_moments(x, c0, c1, j, k, bmean, bq)
-        n = cnt + (k - j)
-        f = (k - j) / n
-        for g in range(G):
-            d = bmean[g] - mu[g]
-            mu[g] = mu[g] + d * f
-            m2[g] = m2[g] + bq[g] + (d * cnt) * (d * f)
-        cnt = n
+        cnt = chan_merge_all(cnt, float(k - j), mu[:G], m2[:G], bmean, bq)
         j = k
 
 
@@ -217,13 +225,8 @@ def channel_moments_planar(x, c0, c1, parts, block, mean_out, m2_out):
         j1 = min(n, j0 + step)
         if j1 > j0:
             planar_part_moments(x, c0, c1, j0, j1, block, w[0], w[1], w[2], w[3])
-            nn = cnt + (j1 - j0)
-            f = (j1 - j0) / nn
-            for g in range(G):
-                d = w[0, g] - mean_out[c0 + g]
-                mean_out[c0 + g] = mean_out[c0 + g] + d * f
-                m2_out[c0 + g] = m2_out[c0 + g] + w[1, g] + (d * cnt) * (d * f)
-            cnt = nn
+            cnt = chan_merge_all(cnt, float(j1 - j0), mean_out[c0:c1], m2_out[c0:c1], w[0],
+                                 w[1])
 
 
 @njit(cache=True, inline="always")
@@ -233,8 +236,9 @@ def group_task(t, parts, group, C, n):
     ``[j0, j1)`` of each of ``n``; ``groups * parts`` tasks in all."""
     gi, p = divmod(np.int64(t), parts)
     c0 = gi * group
-    j0 = min(n, p * -(-n // parts))
-    return p, c0, min(C, c0 + group), j0, min(n, j0 + -(-n // parts))
+    step = -(-n // parts)
+    j0 = min(n, p * step)
+    return p, c0, min(C, c0 + group), j0, min(n, j0 + step)
 
 
 @njit(cache=True)
@@ -360,15 +364,7 @@ def interleaved_part_moments(x, r0, r1, brows, mean, m2, bmean, bq):
         for c in range(C):
             bmean[c] /= nb
         _rows_sqdev(x, r, k, bmean, bq)
-        # chan_merge for every channel, with its one division (the same for all
-        # channels) hoisted so that the loop vectorizes; same expressions, same bits.
-        n = cnt + nb
-        f = nb / n
-        for c in range(C):
-            d = bmean[c] - mean[c]
-            mean[c] = mean[c] + d * f
-            m2[c] = m2[c] + bq[c] + (d * cnt) * (d * f)
-        cnt = n
+        cnt = chan_merge_all(cnt, nb, mean, m2, bmean, bq)
         r = k
 
 
