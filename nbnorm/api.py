@@ -390,6 +390,146 @@ def _data(x, dev):
     return x
 
 
+# ------------------------------------------------------------ the plain case
+# A small call's whole budget is ~10 us, and the validation above costs ~8 us of
+# Python helpers.  Most calls are *plain*: exact ``numpy.ndarray``s of float32 or
+# float64 in native order, C-contiguous and aligned, per-channel arrays of shape
+# ``(C,)``, Python floats and ints for the scalars, nothing on a device.  The
+# ``_plain_*`` functions recognize such a call with a few attribute reads, then do
+# exactly what the general path does for it (the same views, allocations and
+# kernel call).  They never raise: anything else, every bad input included, takes
+# the general path, which raises its specific error.  tests/test_api_plain.py runs
+# the same calls both ways.  Measured ((32, 64) float32, 2 threads, same process):
+# forward-train 17.7 -> 12.4 us, inference 12.6 -> 10.3 us.
+
+_PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plain(a, shape, dtype, write):
+    """Whether ``a`` is a plain array of ``shape``: ``dtype`` (None: float32 or
+    float64), C-contiguous and aligned, writeable if ``write``."""
+    if type(a) is not np.ndarray or a.shape != shape:
+        return False
+    dt = a.dtype
+    if dt is not dtype and (dtype is not None
+                            or (dt is not _PLAIN_DTYPES[0] and dt is not _PLAIN_DTYPES[1])):
+        return False
+    flags = a.flags
+    return flags.c_contiguous and flags.aligned and (flags.writeable or not write)
+
+
+def _plain_batch(x, axis, training, scalars_ok):
+    """``(C, axis % ndim)`` when ``x`` is a plain batch (as ``_plain``) that the
+    general path accepts with this ``axis`` and ``training``; else None."""
+    if type(x) is not np.ndarray or not scalars_ok or type(axis) is not int:
+        return None
+    if not (training is True or training is False):
+        return None
+    dt = x.dtype
+    ndim = x.ndim
+    if not ((dt is _PLAIN_DTYPES[0] or dt is _PLAIN_DTYPES[1]) and ndim >= 2
+            and -ndim <= axis < ndim):
+        return None
+    flags = x.flags
+    size = x.size
+    if not (flags.c_contiguous and flags.aligned and size):
+        return None
+    C = x.shape[axis]
+    if training and size // C <= 1:
+        return None
+    return C, axis % ndim
+
+
+def _plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                   axis, out, mean, invstd, on_nonfinite):
+    """``forward`` of a plain host call, or None where it is not one."""
+    batch = _plain_batch(x, axis, training,
+                         type(momentum) is float and 0.0 <= momentum <= 1.0
+                         and type(eps) is float and 0.0 < eps < math.inf
+                         and type(on_nonfinite) is str and on_nonfinite in guard.POLICIES)
+    if batch is None:
+        return None
+    C, ax = batch
+    shape_c = (C,)
+    dt = x.dtype
+    for a in (weight, bias):
+        if a is not None and not _plain(a, shape_c, None, False):
+            return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is None:
+        if not training:
+            return None
+    elif not (_plain(running_mean, shape_c, None, training)
+              and _plain(running_var, shape_c, None, training)):
+        return None
+    if out is not None and not _plain(out, x.shape, dt, True):
+        return None
+    for a in (mean, invstd):
+        if a is not None and not _plain(a, shape_c, dt, True):
+            return None
+    if ((out is not None or mean is not None or invstd is not None
+         or (training and running_mean is not None))
+            and not _separate(x, weight, bias, running_mean, running_var, out, mean,
+                              invstd)):
+        return None
+    ops = (_host or _host_backend()).ops
+    lay = layout.plan(x, ax)
+    if out is None:
+        out = np.empty(x.shape, dt)
+    if mean is None:
+        mean = np.empty(shape_c, dt)
+    if invstd is None:
+        invstd = np.empty(shape_c, dt)
+    x3 = layout.c_view(x, lay)
+    out3 = layout.c_view(out, lay)
+    if training:
+        ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
+                          out3, mean, invstd, on_nonfinite=on_nonfinite)
+    else:
+        ops.forward_infer(x3, weight, bias, eps, running_mean, running_var, out3, mean,
+                          invstd)
+    return ForwardResult(out, mean, invstd)
+
+
+def _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_input,
+                    grad_weight, grad_bias):
+    """``backward`` of a plain host call, or None where it is not one."""
+    batch = _plain_batch(x, axis, training, True)
+    if batch is None:
+        return None
+    C, ax = batch
+    shape_c = (C,)
+    dt = x.dtype
+    if not _plain(grad_out, x.shape, dt, False):
+        return None
+    for a in (mean, invstd):
+        if not _plain(a, shape_c, None, False):
+            return None
+    if weight is not None and not _plain(weight, shape_c, None, False):
+        return None
+    if grad_input is not None and not _plain(grad_input, x.shape, dt, True):
+        return None
+    for a in (grad_weight, grad_bias):
+        if a is not None and not _plain(a, shape_c, dt, True):
+            return None
+    if ((grad_input is not None or grad_weight is not None or grad_bias is not None)
+            and not _separate(grad_out, x, mean, invstd, weight, grad_input, grad_weight,
+                              grad_bias)):
+        return None
+    ops = (_host or _host_backend()).ops
+    lay = layout.plan(x, ax)
+    if grad_input is None:
+        grad_input = np.empty(x.shape, dt)
+    if grad_weight is None:
+        grad_weight = np.empty(shape_c, dt)
+    if grad_bias is None:
+        grad_bias = np.empty(shape_c, dt)
+    ops.backward(layout.c_view(grad_out, lay), layout.c_view(x, lay), mean, invstd, weight,
+                 training, layout.c_view(grad_input, lay), grad_weight, grad_bias)
+    return BackwardResult(grad_input, grad_weight, grad_bias)
+
+
 # ------------------------------------------------------------------- public
 
 _FORWARD_ARRAYS = ("x", "weight", "bias", "running_mean", "running_var", "out", "mean",
@@ -464,6 +604,11 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
+    if stream is None:
+        done = _plain_forward(x, weight, bias, running_mean, running_var, training, momentum,
+                              eps, axis, out, mean, invstd, on_nonfinite)
+        if done is not None:
+            return done
     be = _backend(_FORWARD_ARRAYS,
                   (x, weight, bias, running_mean, running_var, out, mean, invstd), stream)
     dev = be.device
@@ -560,6 +705,11 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     TypeError, ValueError
         As for ``forward``; nothing has been written when it raises.
     """
+    if stream is None:
+        done = _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_input,
+                               grad_weight, grad_bias)
+        if done is not None:
+            return done
     be = _backend(_BACKWARD_ARRAYS,
                   (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias),
                   stream)

@@ -77,11 +77,16 @@ def _plan(shape, order, caxis):
     return make(order, outer, shape[caxis], inner)
 
 
+def c_view(a, lay):
+    """The canonical view of a C-contiguous ``a`` whose layout is ``lay``."""
+    # NC batches are their own view: no reshape (~0.15 us of a ~10 us call)
+    return a if a.shape == lay.kernel_shape else a.reshape(lay.kernel_shape)
+
+
 def _view(a, lay):
     """The canonical view of ``a``, or None where it would need a copy."""
     if a.flags.c_contiguous and lay.order is _identity(a.ndim):
-        # NC batches are their own view: no reshape (~0.15 us of a ~10 us call)
-        return a if a.shape == lay.kernel_shape else a.reshape(lay.kernel_shape)
+        return c_view(a, lay)
     t = a.transpose(lay.order)
     return t.reshape(lay.kernel_shape) if t.flags.c_contiguous else None
 

@@ -234,12 +234,13 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
     C = x.shape[1]
     if x.size <= config.SERIAL_MAX:  # one kernel call: ~4 us less than the NumPy below
-        args = (eps, _param_as_is(weight), _param_as_is(bias), _param_as_is(running_mean),
-                _param_as_is(running_var), out, mean, invstd)
+        w, b = _param_as_is(weight), _param_as_is(bias)
+        rm, rv = _param_as_is(running_mean), _param_as_is(running_var)
         if x.ndim == 3:
-            fwd.infer_serial_planar(x, *args)
+            fwd.infer_serial_planar(x, eps, w, b, rm, rv, out, mean, invstd)
         else:
-            fwd.infer_serial_interleaved(x, stats.wide_rows(C), *args)
+            fwd.infer_serial_interleaved(x, stats.wide_rows(C), eps, w, b, rm, rv, out, mean,
+                                         invstd)
         return
     # Contiguous: strided running stats must not compile another kernel signature.
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
