@@ -415,7 +415,8 @@ def _plain(a, shape, dtype, write):
                             or (dt is not _PLAIN_DTYPES[0] and dt is not _PLAIN_DTYPES[1])):
         return False
     flags = a.flags
-    return flags.c_contiguous and flags.aligned and (flags.writeable or not write)
+    # CARRAY (C-contiguous, aligned, writeable): one attribute read for the usual case
+    return flags.carray or (not write and flags.c_contiguous and flags.aligned)
 
 
 def _plain_batch(x, axis, training, scalars_ok):
@@ -432,7 +433,7 @@ def _plain_batch(x, axis, training, scalars_ok):
         return None
     flags = x.flags
     size = x.size
-    if not (flags.c_contiguous and flags.aligned and size):
+    if not ((flags.carray or (flags.c_contiguous and flags.aligned)) and size):
         return None
     C = x.shape[axis]
     if training and size // C <= 1:

@@ -87,8 +87,9 @@ def test_plain_calls_match_the_general_path(rng, monkeypatch, spy, shape, axis, 
     for training in (True, False):
         gouts = {}
         if prealloc:
-            gouts = dict(grad_input=np.empty(shape, dtype), grad_weight=np.empty(x.shape[axis], dtype),
-                         grad_bias=np.empty(x.shape[axis], dtype))
+            C = x.shape[axis]
+            gouts = dict(grad_input=np.empty(shape, dtype), grad_weight=np.empty(C, dtype),
+                         grad_bias=np.empty(C, dtype))
         got = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis, **gouts)
         assert spy.taken.pop() is True
         want = _general(monkeypatch, nbnorm.backward, dy, x, mean, invstd, w,

@@ -32,7 +32,7 @@ from .. import config, guard
 from . import backward as bwd
 from . import forward as fwd
 from . import stats
-from .threads import serialized
+from .threads import launching
 
 #: ``weight``/``bias`` of None: kernels read a length-0 array as scale 1 / shift 0.
 _NONE = np.empty(0)
@@ -96,7 +96,7 @@ def batch_moments(x, serial=False):
 
     ``serial``: on the calling thread, bitwise the same; for the rare small-batch
     paths that need the moments after a serial kernel and must not launch a
-    parallel one (``serialized`` took no lock for them).
+    parallel one (they run outside ``launching()``).
     """
     C = x.shape[1]
     mean = np.empty(C)
@@ -169,11 +169,26 @@ def _scale_shift(inv, w, b, C):
     return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
 
 
+def _train_parallel(x, n, w, b, eps, on_nonfinite, out):
+    """The parallel kernels of a training step (``n`` values a channel): ``out``,
+    and the float64 ``(mean, M2)`` returned."""
+    C = x.shape[1]
+    if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
+        mu = np.empty(C)
+        m2 = np.empty(C)
+        fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
+        return mu, m2
+    mu, m2 = batch_moments(x)
+    guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
+    scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
+    normalize(x, mu, scale, shift, out)
+    return mu, m2
+
+
 #: ``on_nonfinite`` codes of the serial kernels.
 _POLICY = {"propagate": fwd.PROPAGATE, "skip": fwd.SKIP, "raise": fwd.RAISE}
 
 
-@serialized
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                   out, mean, invstd, on_nonfinite="propagate"):
     C = x.shape[1]
@@ -205,15 +220,8 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         if numpy_running:  # rare: the moments again, bitwise the kernel's
             mu, m2 = batch_moments(x, serial=True)
     else:
-        mu = np.empty(C)
-        m2 = np.empty(C)
-        if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
-            fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
-        else:
-            mu, m2 = batch_moments(x)
-            guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
-            scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
-            normalize(x, mu, scale, shift, out)
+        with launching():
+            mu, m2 = _train_parallel(x, n, w, b, eps, on_nonfinite, out)
         # on_nonfinite="skip": channels whose statistics are not finite keep their
         # running statistics (the outputs are written either way).
         keep = guard.running_update_mask(mu, m2, on_nonfinite)
@@ -230,7 +238,6 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         running_var[...] = new_var
 
 
-@serialized
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
     C = x.shape[1]
     if x.size <= config.SERIAL_MAX:  # one kernel call: ~4 us less than the NumPy below
@@ -246,15 +253,39 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
     inv = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
     scale, shift = _scale_shift(inv, _param(weight), _param(bias), C)
-    normalize(x, mu, scale, shift, out)
+    with launching():
+        normalize(x, mu, scale, shift, out)
     mean[...] = mu
     invstd[...] = inv
 
 
-@serialized
-def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
+def _backward_parallel(dy, x, mu, inv, w, training, grad_input, s, sx):
+    """The parallel kernels of ``backward``: ``grad_input``, and ``sum(dy)``,
+    ``sum(dy * (x - mu))`` per channel into ``s``, ``sx``."""
     C = x.shape[1]
     n = x.size // C
+    planar = x.ndim == 3
+    if training and planar and _fused(x, x.itemsize * 2):
+        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
+        return
+    if planar:
+        parts = _parts(x)
+        bwd.backward_reduce_planar(dy, x, mu, parts,
+                                   stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
+    else:
+        wide, parts = stats.interleaved_split(*x.shape)
+        bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
+                                        _work(parts, 2, wide * C))
+    k = inv * w if w.size else inv
+    if training:
+        _grad_input_pass(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+    else:
+        zeros = np.zeros(C)
+        normalize(dy, zeros, k, zeros, grad_input)
+
+
+def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
+    C = x.shape[1]
     planar = x.ndim == 3
     if x.size <= config.SERIAL_MAX:  # one kernel call, gradients of weight and bias too
         args = (_param_as_is(mean), _param_as_is(invstd), _param_as_is(weight))
@@ -271,22 +302,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     w = _param(weight)
     s = np.empty(C)
     sx = np.empty(C)
-    if training and planar and _fused(x, x.itemsize * 2):
-        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
-    else:
-        if planar:
-            parts = _parts(x)
-            bwd.backward_reduce_planar(dy, x, mu, parts,
-                                       stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
-        else:
-            wide, parts = stats.interleaved_split(*x.shape)
-            bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
-                                            _work(parts, 2, wide * C))
-        k = inv * w if w.size else inv
-        if training:
-            _grad_input_pass(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
-        else:
-            zeros = np.zeros(C)
-            normalize(dy, zeros, k, zeros, grad_input)
+    with launching():
+        _backward_parallel(dy, x, mu, inv, w, training, grad_input, s, sx)
     grad_weight[...] = sx * inv
     grad_bias[...] = s

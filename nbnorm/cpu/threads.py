@@ -5,8 +5,8 @@ at the first parallel launch (``numba.threading_layer()``; by default the first 
 tbb, omp, workqueue that loads).  ``tbb`` and ``omp`` accept launches from many
 Python threads at once.  ``workqueue``, the fallback that is always available, does
 not: a second concurrent launch aborts the process ("The workqueue threading layer
-is not threadsafe ...").  So every CPU entry point of ``ops`` runs under
-``serialized``: one process-wide lock, taken only while the layer is ``workqueue``
+is not threadsafe ...").  So every parallel launch of ``ops`` runs under
+``launching()``: one process-wide lock, taken only while the layer is ``workqueue``
 or not chosen yet (the very first launches).  Under omp/tbb it costs one global
 read per call; under workqueue concurrent calls take turns, each still using all
 of Numba's threads.  ``config.SERIALIZE_CPU_CALLS`` forces the lock on or off.
@@ -17,7 +17,7 @@ uncontended lock; the smallest forward call costs 11-15 us, so the guard is at
 most 1-3%, below the run-to-run noise.  See README "Threads".
 """
 
-import functools
+import contextlib
 import threading
 
 import numba
@@ -42,21 +42,18 @@ def _needs_lock():
     return not _safe_layer
 
 
-def serialized(func):
-    """Run ``func`` (an entry point of ``ops``, whose first argument is the batch)
-    under the lock when needed.
+#: What a parallel launch runs under when no lock is needed (reusable: it holds nothing).
+_UNLOCKED = contextlib.nullcontext()
 
-    Batches of at most ``config.SERIAL_MAX`` elements run serial kernels only
-    (``ops``), which never touch the threading layer, so they skip the check:
-    before the first parallel launch it costs an exception and the lock, ~1.5 us
-    of a ~12 us small call, and a program of small batches never launches one.
+
+def launching():
+    """The context of a parallel launch: the lock while ``_needs_lock()``, else nothing.
+
+    ``ops`` enters it around its parallel kernels only.  Small batches (at most
+    ``config.SERIAL_MAX`` elements) run serial kernels, which never touch the
+    threading layer, so they skip it: before the first parallel launch the
+    check costs an exception and the lock, and a program of small batches never
+    launches one.  (It used to be a decorator of the whole entry point, whose
+    argument packing cost a small call ~0.5 us.)
     """
-
-    @functools.wraps(func)
-    def wrapper(x, *args, **kwargs):
-        if x.size > config.SERIAL_MAX and _needs_lock():
-            with _lock:
-                return func(x, *args, **kwargs)
-        return func(x, *args, **kwargs)
-
-    return wrapper
+    return _lock if _needs_lock() else _UNLOCKED
