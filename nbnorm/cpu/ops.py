@@ -246,8 +246,7 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
         if x.ndim == 3:
             fwd.infer_serial_planar(x, eps, w, b, rm, rv, out, mean, invstd)
         else:
-            fwd.infer_serial_interleaved(x, stats.wide_rows(C), eps, w, b, rm, rv, out, mean,
-                                         invstd)
+            fwd.infer_serial_interleaved(x, eps, w, b, rm, rv, out, mean, invstd)
         return
     # Contiguous: strided running stats must not compile another kernel signature.
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
