@@ -441,6 +441,23 @@ def _plain_batch(x, axis, training, scalars_ok):
     return C, axis % ndim
 
 
+def _plain_outputs(x, shape_c, like_x, c1, c2):
+    """Whether a call's outputs are plain where given: ``like_x`` of ``x``'s shape,
+    ``c1`` and ``c2`` of ``shape_c``, all of ``x``'s dtype and writeable."""
+    dt = x.dtype
+    return ((like_x is None or _plain(like_x, x.shape, dt, True))
+            and (c1 is None or _plain(c1, shape_c, dt, True))
+            and (c2 is None or _plain(c2, shape_c, dt, True)))
+
+
+def _plain_allocate(x, shape_c, like_x, c1, c2):
+    """The outputs of ``_plain_outputs``, each allocated where None."""
+    dt = x.dtype
+    return (np.empty(x.shape, dt) if like_x is None else like_x,
+            np.empty(shape_c, dt) if c1 is None else c1,
+            np.empty(shape_c, dt) if c2 is None else c2)
+
+
 def _plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                    axis, out, mean, invstd, on_nonfinite):
     """``forward`` of a plain host call, or None where it is not one."""
@@ -452,7 +469,6 @@ def _plain_forward(x, weight, bias, running_mean, running_var, training, momentu
         return None
     C, ax = batch
     shape_c = (C,)
-    dt = x.dtype
     for a in (weight, bias):
         if a is not None and not _plain(a, shape_c, None, False):
             return None
@@ -464,24 +480,15 @@ def _plain_forward(x, weight, bias, running_mean, running_var, training, momentu
     elif not (_plain(running_mean, shape_c, None, training)
               and _plain(running_var, shape_c, None, training)):
         return None
-    if out is not None and not _plain(out, x.shape, dt, True):
+    if not _plain_outputs(x, shape_c, out, mean, invstd):
         return None
-    for a in (mean, invstd):
-        if a is not None and not _plain(a, shape_c, dt, True):
-            return None
-    if ((out is not None or mean is not None or invstd is not None
-         or (training and running_mean is not None))
-            and not _separate(x, weight, bias, running_mean, running_var, out, mean,
-                              invstd)):
+    if ((training and running_mean is not None)
+            or out is not None or mean is not None or invstd is not None) and not _separate(
+                x, weight, bias, running_mean, running_var, out, mean, invstd):
         return None
     ops = (_host or _host_backend()).ops
     lay = layout.plan(x, ax)
-    if out is None:
-        out = np.empty(x.shape, dt)
-    if mean is None:
-        mean = np.empty(shape_c, dt)
-    if invstd is None:
-        invstd = np.empty(shape_c, dt)
+    out, mean, invstd = _plain_allocate(x, shape_c, out, mean, invstd)
     x3 = layout.c_view(x, lay)
     out3 = layout.c_view(out, lay)
     if training:
@@ -509,23 +516,15 @@ def _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_inpu
             return None
     if weight is not None and not _plain(weight, shape_c, None, False):
         return None
-    if grad_input is not None and not _plain(grad_input, x.shape, dt, True):
+    if not _plain_outputs(x, shape_c, grad_input, grad_weight, grad_bias):
         return None
-    for a in (grad_weight, grad_bias):
-        if a is not None and not _plain(a, shape_c, dt, True):
-            return None
-    if ((grad_input is not None or grad_weight is not None or grad_bias is not None)
-            and not _separate(grad_out, x, mean, invstd, weight, grad_input, grad_weight,
-                              grad_bias)):
+    if (grad_input is not None or grad_weight is not None or grad_bias is not None) and not (
+            _separate(grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias)):
         return None
     ops = (_host or _host_backend()).ops
     lay = layout.plan(x, ax)
-    if grad_input is None:
-        grad_input = np.empty(x.shape, dt)
-    if grad_weight is None:
-        grad_weight = np.empty(shape_c, dt)
-    if grad_bias is None:
-        grad_bias = np.empty(shape_c, dt)
+    grad_input, grad_weight, grad_bias = _plain_allocate(x, shape_c, grad_input, grad_weight,
+                                                         grad_bias)
     ops.backward(layout.c_view(grad_out, lay), layout.c_view(x, lay), mean, invstd, weight,
                  training, layout.c_view(grad_input, lay), grad_weight, grad_bias)
     return BackwardResult(grad_input, grad_weight, grad_bias)
