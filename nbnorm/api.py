@@ -420,10 +420,10 @@ def _plain(a, shape, dtype, write):
     return flags.carray or (not write and flags.c_contiguous and flags.aligned)
 
 
-def _plain_batch(x, axis, training, scalars_ok):
+def _plain_batch(x, axis, training):
     """``(C, axis % ndim)`` when ``x`` is a plain batch (as ``_plain``) that the
     general path accepts with this ``axis`` and ``training``; else None."""
-    if type(x) is not np.ndarray or not scalars_ok or type(axis) is not int:
+    if type(x) is not np.ndarray or type(axis) is not int:
         return None
     if not (training is True or training is False):
         return None
@@ -462,10 +462,11 @@ def _plain_allocate(x, shape_c, like_x, c1, c2):
 def _plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                    axis, out, mean, invstd, on_nonfinite):
     """``forward`` of a plain host call, or None where it is not one."""
-    batch = _plain_batch(x, axis, training,
-                         type(momentum) is float and 0.0 <= momentum <= 1.0
-                         and type(eps) is float and 0.0 < eps < math.inf
-                         and type(on_nonfinite) is str and on_nonfinite in guard.POLICIES)
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0
+            and type(eps) is float and 0.0 < eps < math.inf
+            and type(on_nonfinite) is str and on_nonfinite in guard.POLICIES):
+        return None
+    batch = _plain_batch(x, axis, training)
     if batch is None:
         return None
     C, ax = batch
@@ -504,7 +505,7 @@ def _plain_forward(x, weight, bias, running_mean, running_var, training, momentu
 def _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_input,
                     grad_weight, grad_bias):
     """``backward`` of a plain host call, or None where it is not one."""
-    batch = _plain_batch(x, axis, training, True)
+    batch = _plain_batch(x, axis, training)
     if batch is None:
         return None
     C, ax = batch

@@ -8,13 +8,14 @@ not: a second concurrent launch aborts the process ("The workqueue threading lay
 is not threadsafe ...").  So every parallel launch of ``ops`` runs under
 ``launching()``: one process-wide lock, taken only while the layer is ``workqueue``
 or not chosen yet (the very first launches).  Under omp/tbb it costs one global
-read per call; under workqueue concurrent calls take turns, each still using all
-of Numba's threads.  ``config.SERIALIZE_CPU_CALLS`` forces the lock on or off.
+read per launching call; under workqueue concurrent calls take turns, each still
+using all of Numba's threads.  ``config.SERIALIZE_CPU_CALLS`` forces the lock on
+or off.  Calls of serial kernels only (batches of at most ``config.SERIAL_MAX``
+elements) never enter it.
 
 Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
-costs 0.1-0.3 us per call (the layer check), 0.3 us more when it takes the
-uncontended lock; the smallest forward call costs 11-15 us, so the guard is at
-most 1-3%, below the run-to-run noise.  See README "Threads".
+costs 0.1-0.3 us per parallel call (the layer check), 0.3 us more when it takes
+the uncontended lock, against tens of microseconds of work.  See README "Threads".
 """
 
 import contextlib
