@@ -4,6 +4,14 @@ This is the only place that looks at user input.  Everything is checked before
 anything is written, so a call that raises has changed no output and no running
 statistic.  The kernels behind it (``nbnorm.cpu.ops``, ``nbnorm.cuda.ops``) take
 canonical views and scalars only.
+
+Each rule is one function below (``_axis``, ``_scalar``, ``_channel_input``,
+``_writable``, ...): it returns the accepted value or raises the rule's error,
+and it begins with a test that accepts the usual case in a few attribute reads
+(an exact ``numpy.ndarray`` of the right shape and dtype, a Python float in
+range), so a small call pays ~100 ns a rule instead of the general checks.
+``forward`` and ``backward`` apply every rule to every call; there is no second
+path that restates them.
 """
 
 import math
@@ -12,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import guard, layout
+from . import dtypes, guard, layout
 
 
 class ForwardResult(NamedTuple):
@@ -31,23 +39,14 @@ class BackwardResult(NamedTuple):
     grad_bias: object
 
 
-# ----------------------------------------------------------------- validation
-
-def _stat_dtype(dtype):
-    """The dtype of per-channel results for data of ``dtype``."""
-    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
-
-
+# ---------------------------------------------------------------- the device
 # Device follows the data: arrays on a CUDA device (``__cuda_array_interface__``:
 # Numba device arrays, CuPy, PyTorch CUDA tensors; or device arrays of Numba's
 # CUDA simulator, which lack the interface) run ``nbnorm.cuda.ops``, NumPy
 # arrays ``nbnorm.cpu.ops``.  The validation below is the same for both; where
-# a check needs memory (addresses, read-only flags) it asks ``cuda.ops``.
-#
-# The device is decided once per call (``_backend``) and passed down as ``dev``:
-# probing an array costs ~0.3 us, and a small call used to probe ~19 times.
-# Exact ``numpy.ndarray``s (``type(a) is np.ndarray``, ~50 ns) are host arrays
-# and take the short paths below; everything else goes the general way.
+# a check needs memory (addresses, read-only flags) it asks ``cuda.ops``.  The
+# device is decided once per call (``_backend``) and passed down as ``dev``:
+# probing an array costs ~0.3 us.
 
 def _on_device(a):
     return bool(getattr(type(a), "__cuda_ndarray__", False)
@@ -107,16 +106,7 @@ def _dev_ops():
     return ops
 
 
-def _check_data_dtype(a, name):
-    dt = a.dtype
-    if dt.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got dtype {dt}")
-    if dt.itemsize == 2:
-        raise TypeError(f"{name}: float16 is not supported by the CPU kernels; "
-                        "pass float32 or float64")
-    if dt.itemsize > 8:
-        raise TypeError(f"{name}: dtype {dt} is not supported; pass float32 or float64")
-
+# --------------------------------------------------------------- the rules
 
 def _input(a, name, dev):
     """An input as an aligned, native-byte-order ndarray (array-likes are converted).
@@ -145,8 +135,36 @@ def _input(a, name, dev):
     return a
 
 
+def _data(x, dev):
+    """``x``: a floating-point batch of at least 2 dimensions."""
+    if type(x) is np.ndarray and x.ndim >= 2 and x.dtype.kind == "f" and x.itemsize <= 8 and (
+            x.dtype.isnative and x.flags.aligned):
+        return x  # the usual case
+    x = _input(x, "x", dev)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {x.shape}")
+    dtypes.check_data(x.dtype, "x")
+    return x
+
+
+def _like_x(a, name, x, dev, required=False):
+    """An input with ``x``'s shape and dtype (``grad_out``, ``residual``,
+    ``forward_out``); ``None`` stays ``None`` unless ``required``."""
+    if a is None and not required:
+        return None
+    if type(a) is np.ndarray and a.shape == x.shape and a.dtype is x.dtype and a.flags.aligned:
+        return a  # the usual case: as it is
+    a = _input(a, name, dev)
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(a.shape)}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {a.dtype}")
+    return a
+
+
 def _channel_input(a, name, C, dev):
-    """An optional per-channel input (weight, bias, mean, invstd)."""
+    """An optional per-channel input (weight, bias, mean, invstd) of any float dtype."""
     if a is None:
         return None
     if type(a) is np.ndarray and a.shape == (C,) and a.dtype.kind == "f" and a.dtype.isnative:
@@ -154,7 +172,7 @@ def _channel_input(a, name, C, dev):
         if flags.aligned and flags.c_contiguous:  # the usual case: as it is
             return a
     a = _input(a, name, dev)
-    if a.dtype.kind != "f":
+    if not dtypes.is_float(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
@@ -165,7 +183,13 @@ def _channel_input(a, name, C, dev):
 
 
 def _writable(a, name, shape, dtype, dev):
-    """A caller-owned output or running statistic, checked for an in-place write."""
+    """A caller-owned output or running statistic, checked for an in-place write:
+    ``dtype`` exactly, or (None) any float dtype."""
+    if type(a) is np.ndarray and a.shape == shape and (a.dtype is dtype or (
+            dtype is None and a.dtype.kind == "f" and a.dtype.isnative)):
+        flags = a.flags
+        if flags.carray:  # C-contiguous, aligned and writeable: the usual case
+            return a
     if dev:
         return _writable_device(a, name, shape, dtype)
     if not isinstance(a, np.ndarray):
@@ -181,7 +205,7 @@ def _writable(a, name, shape, dtype, dev):
         raise ValueError(f"{name} is read-only")
     if not flags.aligned:
         raise ValueError(f"{name} is not aligned to its dtype; pass an aligned array")
-    if not flags.forc and _overlaps_itself(a):  # C or Fortran contiguous: no overlap
+    if not flags.forc and layout.overlaps_itself(a.shape, a.strides, a.itemsize):
         raise ValueError(f"{name} has overlapping elements (zero or overlapping strides)")
     return a
 
@@ -189,7 +213,7 @@ def _writable(a, name, shape, dtype, dev):
 def _check_out_dtype(dt, name, dtype):
     """An output's dtype ``dt``: ``dtype`` exactly, or any float where ``dtype`` is None."""
     if dtype is None:
-        if dt.kind != "f":
+        if not dtypes.is_float(dt):
             raise TypeError(f"{name} must be a floating-point array, got dtype {dt}")
     elif dt != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {dt}")
@@ -209,48 +233,9 @@ def _writable_device(a, name, shape, dtype):
     return a
 
 
-def _overlaps_itself(a):
-    """True unless ``a``'s strides provably give every element its own memory.
-
-    Axes sorted by stride must each step over the whole extent of the smaller
-    ones: true of every layout that ``np.empty`` and slicing produce, false for
-    broadcasts and most ``as_strided`` tricks.
-    """
-    if a.size == 0:
-        return False
-    extent = a.itemsize
-    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
-        if stride < extent:
-            return True
-        extent = stride * (n - 1) + extent
-    return False
-
-
-def _output(a, name, shape, dtype, dev):
-    """A preallocated output, checked; ``None`` (allocate later) stays ``None``."""
-    return None if a is None else _writable(a, name, shape, dtype, dev)
-
-
-def _empty_like(x, lay, be):
-    """An output like ``x`` (``out``, ``grad_input``) in the memory order of
-    ``x``'s canonical view ``lay``, so that the kernel writes it directly.
-
-    On the host that is ``x``'s own memory order whenever ``x`` is contiguous
-    in some axis order (Fortran, ``channels_last``, transposes: the strides
-    PyTorch's ``preserve_format`` gives), and C order otherwise (``x`` with gaps
-    or negative strides is read through a C-order copy).  Device arrays: the
-    device's ``empty_like``.
-    """
-    if be.device:
-        return be.ops.empty_like(x)
-    if x.flags.c_contiguous or lay.order == tuple(range(x.ndim)):
-        return np.empty(x.shape, x.dtype)
-    # x is contiguous in the axis order lay.order: empty_like's order="K" makes
-    # the same strides (its subok=False: a plain ndarray, as np.empty gives).
-    return np.empty_like(x, subok=False)
-
-
 def _axis(axis, ndim):
+    if type(axis) is int and -ndim <= axis < ndim:  # the usual case
+        return axis % ndim
     try:
         axis = operator.index(axis)
     except TypeError:
@@ -293,6 +278,49 @@ def _flag(value, name):
     return bool(v)
 
 
+#: The fused activations, by name.
+ACTIVATIONS = ("relu",)
+
+
+def _activation(value):
+    """``activation``: None or "relu"; whether the ReLU is applied."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value in ACTIVATIONS:
+        return True
+    raise ValueError(f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, "
+                     f"got {value!r}")
+
+
+def _batch_count(x, axis, training):
+    """Values per channel; training needs more than one."""
+    if x.size == 0:
+        raise ValueError(f"expected a non-empty input, got shape {tuple(x.shape)}")
+    n = x.size // x.shape[axis]
+    if training and n <= 1:
+        raise ValueError("expected more than 1 value per channel when training, "
+                         f"got input size {tuple(x.shape)}")
+    return n
+
+
+def _running(running_mean, running_var, C, training, dev):
+    """Running statistics: both or neither, written in place when training
+    (so writable), only read in inference (read-only is fine), required there."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is None:
+        if not training:
+            raise ValueError("inference (training=False) needs running_mean and running_var")
+        return None, None
+    if training:  # updated in place
+        return (_writable(running_mean, "running_mean", (C,), None, dev),
+                _writable(running_var, "running_var", (C,), None, dev))
+    return (_channel_input(running_mean, "running_mean", C, dev),
+            _channel_input(running_var, "running_var", C, dev))
+
+
+# ---------------------------------------------------------------- aliasing
+
 _TooHard = getattr(np, "exceptions", np).TooHardError
 
 
@@ -321,16 +349,15 @@ def _same(a, b, dev):
             and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
 
 
-def _separate(*arrays):
+def _separate(arrays):
     """True when the given host arrays (``None``: not given) are distinct objects
-    that each own their data: separate allocations, so none overlaps another and
-    ``_check_aliasing`` has nothing to find (~0.4 us for five arrays, against
-    ~1.1 us for building its argument tuples and running it)."""
+    that each own their data: separate allocations, so none overlaps another
+    (~0.4 us for eight arrays, against ~1.5 us for ``_check_aliasing``'s tuples)."""
     ids = set()
     n = 0
     for a in arrays:
         if a is not None:
-            if not a.flags.owndata:
+            if a.base is not None:  # a view (``base`` is OWNDATA's opposite, ~5x cheaper)
                 return False
             ids.add(id(a))
             n += 1
@@ -341,9 +368,10 @@ def _check_aliasing(outputs, inputs, may_be, dev):
     """Refuse outputs that overlap each other or an input.
 
     ``outputs`` and ``inputs`` are sequences of ``(name, array or None)``.
-    ``may_be`` is ``(output, input)``: the one output that may be exactly the
-    one input (an elementwise kernel reads each element before writing it):
-    ``out=x``.  Outputs that nbnorm allocates are ``None`` here: nothing to check.
+    ``may_be`` holds the ``(output, input)`` pairs where the output may be
+    exactly that input (an elementwise pass reads each element before writing
+    it): ``out=x``, ``grad_input=grad_out``.  Outputs that nbnorm allocates
+    are ``None`` here: nothing to check.
 
     On the host, two distinct arrays that each own their data (``OWNDATA``:
     never a view) are separate allocations and cannot overlap; that flag
@@ -354,9 +382,8 @@ def _check_aliasing(outputs, inputs, may_be, dev):
     if not outs:
         return
     ins = [kv for kv in inputs if kv[1] is not None]
-    # ids of the arrays that own their data; all distinct and owning: done (~0.6 us)
     own = set() if dev else {id(v) for _, v in outs + ins if v.flags.owndata}
-    if len(own) == len(outs) + len(ins):
+    if len(own) == len(outs) + len(ins):  # separate allocations: nothing can overlap
         return
     for i, (na, a) in enumerate(outs):
         own_a = id(a) in own
@@ -366,196 +393,91 @@ def _check_aliasing(outputs, inputs, may_be, dev):
         for nb, b in ins:
             if (own_a and id(b) in own and a is not b) or not _overlap(a, b, dev):
                 continue
-            if (na, nb) == may_be and _same(a, b, dev):
+            if (na, nb) in may_be and _same(a, b, dev):
                 continue
             raise ValueError(f"{na} overlaps the input {nb} in memory")
 
 
-def _batch_count(x, axis, training):
-    if x.size == 0:
-        raise ValueError(f"expected a non-empty input, got shape {x.shape}")
-    n = x.size // x.shape[axis]
-    if training and n <= 1:
-        raise ValueError("expected more than 1 value per channel when training, "
-                         f"got input size {x.shape}")
-    return n
+# ---------------------------------------------------------------- dispatch
+
+def _empty_like(x, lay, be):
+    """An output like ``x`` (``out``, ``grad_input``) in the memory order of
+    ``x``'s canonical view ``lay``, so that the kernel writes it directly.
+
+    On the host that is ``x``'s own memory order whenever ``x`` is contiguous
+    in some axis order (Fortran, ``channels_last``, transposes: the strides
+    PyTorch's ``preserve_format`` gives), and C order otherwise (``x`` with gaps
+    or negative strides is read through a C-order copy).  Device arrays: the
+    device's ``empty_like``.
+    """
+    if be.device:
+        return be.ops.empty_like(x)
+    if layout.is_identity(lay.order) or x.flags.c_contiguous:
+        return np.empty(x.shape, x.dtype)
+    # x is contiguous in the axis order lay.order: empty_like's order="K" makes
+    # the same strides (its subok=False: a plain ndarray, as np.empty gives).
+    return np.empty_like(x, subok=False)
 
 
-def _data(x, dev):
-    x = _input(x, "x", dev)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
-                         f"got shape {x.shape}")
-    _check_data_dtype(x, "x")
-    return x
+def _allocate(x, lay, be, C, sdt, like_x, c1, c2):
+    """A call's three outputs (one like ``x``, two per-channel ones of ``sdt``),
+    each the caller's buffer or a new one."""
+    if like_x is None:
+        like_x = _empty_like(x, lay, be)
+    empty = be.ops.empty if be.device else np.empty
+    return (like_x, empty((C,), sdt) if c1 is None else c1,
+            empty((C,), sdt) if c2 is None else c2)
 
 
-# ------------------------------------------------------------ the plain case
-# A small call's whole budget is ~10 us, and the validation above costs ~8 us of
-# Python helpers.  Most calls are *plain*: exact ``numpy.ndarray``s of float32 or
-# float64 in native order, C-contiguous and aligned, per-channel arrays of shape
-# ``(C,)``, Python floats and ints for the scalars, nothing on a device.  The
-# ``_plain_*`` functions recognize such a call with a few attribute reads, then do
-# exactly what the general path does for it (the same views, allocations and
-# kernel call).  They never raise: anything else, every bad input included, takes
-# the general path, which raises its specific error.  tests/test_api_plain.py runs
-# the same calls both ways.  Measured ((32, 64) float32, medians of 3 fresh
-# processes): forward-train 19.0 -> 14.0 us, inference 13.1 -> 10.0, backward
-# 14.4 -> 11.5 (PyTorch 17.8, 8.2, 15.5).
-
-_PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _plain(a, shape, dtype, write):
-    """Whether ``a`` is a plain array of ``shape``: ``dtype`` (None: float32 or
-    float64), C-contiguous and aligned, writeable if ``write``."""
-    if type(a) is not np.ndarray or a.shape != shape:
-        return False
-    dt = a.dtype
-    if dt is not dtype and (dtype is not None
-                            or (dt is not _PLAIN_DTYPES[0] and dt is not _PLAIN_DTYPES[1])):
-        return False
-    flags = a.flags
-    # CARRAY (C-contiguous, aligned, writeable): one attribute read for the usual case
-    return flags.carray or (not write and flags.c_contiguous and flags.aligned)
-
-
-def _plain_batch(x, axis, training):
-    """``(C, axis % ndim)`` when ``x`` is a plain batch (as ``_plain``) that the
-    general path accepts with this ``axis`` and ``training``; else None."""
-    if type(x) is not np.ndarray or type(axis) is not int:
+def _kernel_input(a, lay, be):
+    """The canonical view of an input like ``x`` as the kernels take it
+    (host half data as integer bits: ``dtypes.kernel_view``); None stays None."""
+    if a is None:
         return None
-    if not (training is True or training is False):
-        return None
-    dt = x.dtype
-    ndim = x.ndim
-    if not ((dt is _PLAIN_DTYPES[0] or dt is _PLAIN_DTYPES[1]) and ndim >= 2
-            and -ndim <= axis < ndim):
-        return None
-    flags = x.flags
-    size = x.size
-    if not ((flags.carray or (flags.c_contiguous and flags.aligned)) and size):
-        return None
-    C = x.shape[axis]
-    if training and size // C <= 1:
-        return None
-    return C, axis % ndim
+    v = be.views.input_view(a, lay)
+    return v if be.device or v.itemsize > 2 else dtypes.kernel_view(v)
 
 
-def _plain_outputs(x, shape_c, like_x, c1, c2):
-    """Whether a call's outputs are plain where given: ``like_x`` of ``x``'s shape,
-    ``c1`` and ``c2`` of ``shape_c``, all of ``x``'s dtype and writeable."""
-    dt = x.dtype
-    return ((like_x is None or _plain(like_x, x.shape, dt, True))
-            and (c1 is None or _plain(c1, shape_c, dt, True))
-            and (c2 is None or _plain(c2, shape_c, dt, True)))
+def _kernel_output(a, lay, be):
+    """``(view, finish)`` of an output like ``x`` (``layout.output_view``); None stays None."""
+    if a is None:
+        return None, _nothing
+    v, finish = be.views.output_view(a, lay)
+    return (v if be.device or v.itemsize > 2 else dtypes.kernel_view(v)), finish
 
 
-def _plain_allocate(x, shape_c, like_x, c1, c2):
-    """The outputs of ``_plain_outputs``, each allocated where None."""
-    dt = x.dtype
-    return (np.empty(x.shape, dt) if like_x is None else like_x,
-            np.empty(shape_c, dt) if c1 is None else c1,
-            np.empty(shape_c, dt) if c2 is None else c2)
-
-
-def _plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                   axis, out, mean, invstd, on_nonfinite):
-    """``forward`` of a plain host call, or None where it is not one."""
-    if not (type(momentum) is float and 0.0 <= momentum <= 1.0
-            and type(eps) is float and 0.0 < eps < math.inf
-            and type(on_nonfinite) is str and on_nonfinite in guard.POLICIES):
-        return None
-    batch = _plain_batch(x, axis, training)
-    if batch is None:
-        return None
-    C, ax = batch
-    shape_c = (C,)
-    for a in (weight, bias):
-        if a is not None and not _plain(a, shape_c, None, False):
-            return None
-    if (running_mean is None) != (running_var is None):
-        return None
-    if running_mean is None:
-        if not training:
-            return None
-    elif not (_plain(running_mean, shape_c, None, training)
-              and _plain(running_var, shape_c, None, training)):
-        return None
-    if not _plain_outputs(x, shape_c, out, mean, invstd):
-        return None
-    if ((training and running_mean is not None)
-            or out is not None or mean is not None or invstd is not None) and not _separate(
-                x, weight, bias, running_mean, running_var, out, mean, invstd):
-        return None
-    ops = (_host or _host_backend()).ops
-    lay = layout.plan(x, ax)
-    out, mean, invstd = _plain_allocate(x, shape_c, out, mean, invstd)
-    x3 = layout.c_view(x, lay)
-    out3 = layout.c_view(out, lay)
-    if training:
-        ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
-                          out3, mean, invstd, on_nonfinite=on_nonfinite)
-    else:
-        ops.forward_infer(x3, weight, bias, eps, running_mean, running_var, out3, mean,
-                          invstd)
-    return ForwardResult(out, mean, invstd)
-
-
-def _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_input,
-                    grad_weight, grad_bias):
-    """``backward`` of a plain host call, or None where it is not one."""
-    batch = _plain_batch(x, axis, training)
-    if batch is None:
-        return None
-    C, ax = batch
-    shape_c = (C,)
-    dt = x.dtype
-    if not _plain(grad_out, x.shape, dt, False):
-        return None
-    for a in (mean, invstd):
-        if not _plain(a, shape_c, None, False):
-            return None
-    if weight is not None and not _plain(weight, shape_c, None, False):
-        return None
-    if not _plain_outputs(x, shape_c, grad_input, grad_weight, grad_bias):
-        return None
-    if (grad_input is not None or grad_weight is not None or grad_bias is not None) and not (
-            _separate(grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias)):
-        return None
-    ops = (_host or _host_backend()).ops
-    lay = layout.plan(x, ax)
-    grad_input, grad_weight, grad_bias = _plain_allocate(x, shape_c, grad_input, grad_weight,
-                                                         grad_bias)
-    ops.backward(layout.c_view(grad_out, lay), layout.c_view(x, lay), mean, invstd, weight,
-                 training, layout.c_view(grad_input, lay), grad_weight, grad_bias)
-    return BackwardResult(grad_input, grad_weight, grad_bias)
+def _nothing():
+    pass
 
 
 # ------------------------------------------------------------------- public
 
 _FORWARD_ARRAYS = ("x", "weight", "bias", "running_mean", "running_var", "out", "mean",
-                   "invstd")
+                   "invstd", "residual")
 _BACKWARD_ARRAYS = ("grad_out", "x", "mean", "invstd", "weight", "grad_input",
-                    "grad_weight", "grad_bias")
+                    "grad_weight", "grad_bias", "forward_out", "grad_residual")
+_FORWARD_MAY_BE = frozenset({("out", "x"), ("out", "residual")})
+_BACKWARD_MAY_BE = frozenset({("grad_input", "grad_out"), ("grad_residual", "grad_out")})
 
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training=True, momentum=0.1, eps=1e-5, axis=1,
-            out=None, mean=None, invstd=None, on_nonfinite="propagate", stream=None):
+            out=None, mean=None, invstd=None, on_nonfinite="propagate",
+            activation=None, residual=None, stream=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
     Parameters
     ----------
     x : array, floating point, ``ndim >= 2``
-        The batch.  Any memory order is read without a copy as long as it is
-        contiguous in some axis order (C order, ``channels_last``, transposes).
+        The batch: float16, bfloat16 (``ml_dtypes``), float32 or float64.  Any
+        memory order is read without a copy as long as it is contiguous in some
+        axis order (C order, ``channels_last``, transposes).
     weight, bias : array of shape ``(C,)``, optional
-        The affine parameters; ``None`` means scale 1 and shift 0.
+        The affine parameters, any float dtype; ``None`` means scale 1 and shift 0.
     running_mean, running_var : ndarray of shape ``(C,)``, optional
-        Running statistics, both or neither.  Updated in place when training:
-        ``running = (1 - momentum) * running + momentum * batch``, with the
-        unbiased batch variance.  Required for inference.
+        Running statistics (any float dtype), both or neither.  Updated in place
+        when training: ``running = (1 - momentum) * running + momentum * batch``,
+        with the unbiased batch variance.  Required for inference.
     training : bool
         Normalize with the batch statistics (True) or the running ones.
     momentum : float in [0, 1]
@@ -565,9 +487,10 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     axis : int
         The channel axis; negative values count from the end.
     out, mean, invstd : ndarray, optional
-        Preallocated outputs: ``out`` like ``x`` (``out=x`` normalizes in place),
-        ``mean`` and ``invstd`` of shape ``(C,)`` and ``x``'s dtype.  An ``out``
-        that nbnorm allocates has ``x``'s memory order (Fortran, ``channels_last``,
+        Preallocated outputs: ``out`` like ``x`` (``out=x`` or ``out=residual``
+        computes in place), ``mean`` and ``invstd`` of shape ``(C,)`` and
+        ``x``'s dtype (float32 for half ``x``).  An ``out`` that nbnorm
+        allocates has ``x``'s memory order (Fortran, ``channels_last``,
         transposes: PyTorch's ``preserve_format``); C order when ``x`` is not
         contiguous in any axis order (gaps, negative strides).
     on_nonfinite : {"propagate", "skip", "raise"}
@@ -581,6 +504,12 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         written.  The check is O(C).  Inference ignores it.  On the GPU,
         ``"raise"`` is the one setting that waits for the device (it copies
         the O(C) batch moments to the host to decide).
+    activation : {None, "relu"}
+        Applied after the affine map and the residual add, in the same pass:
+        ``out = relu(bn(x) + residual)``.  ReLU keeps NaN.
+    residual : array like ``x``, optional
+        Added to the normalized values before the activation (ResNet's
+        shortcut); ``x``'s shape and dtype, any memory order.
     stream : CUDA stream, optional
         Device arrays only: the stream every kernel is launched on (a Numba
         stream, a CuPy or PyTorch stream, or a raw ``cudaStream_t``); ``None``
@@ -596,82 +525,75 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     Raises
     ------
     TypeError
-        Non-floating or unsupported dtypes, outputs of the wrong dtype or type.
+        Non-floating or unsupported dtypes, outputs of the wrong dtype or type,
+        a ``residual`` of another dtype.
     ValueError
         Shape or axis mismatches, training with one value per channel, inference
         without running statistics, read-only or overlapping outputs, ``eps`` or
-        ``momentum`` out of range, an unknown ``on_nonfinite``.  Nothing has been
-        written when it raises.
+        ``momentum`` out of range, an unknown ``on_nonfinite`` or ``activation``.
+        Nothing has been written when it raises.
     FloatingPointError
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
-    if stream is None:
-        done = _plain_forward(x, weight, bias, running_mean, running_var, training, momentum,
-                              eps, axis, out, mean, invstd, on_nonfinite)
-        if done is not None:
-            return done
     be = _backend(_FORWARD_ARRAYS,
-                  (x, weight, bias, running_mean, running_var, out, mean, invstd), stream)
+                  (x, weight, bias, running_mean, running_var, out, mean, invstd, residual),
+                  stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
     on_nonfinite = guard.check_policy(on_nonfinite)
+    relu = _activation(activation)
     _batch_count(x, ax, training)
     momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
     weight = _channel_input(weight, "weight", C, dev)
     bias = _channel_input(bias, "bias", C, dev)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None and training:  # updated in place
-        _writable(running_mean, "running_mean", (C,), None, dev)
-        _writable(running_var, "running_var", (C,), None, dev)
-    elif running_mean is not None:  # inference only reads them: read-only is fine
-        running_mean = _channel_input(running_mean, "running_mean", C, dev)
-        running_var = _channel_input(running_var, "running_var", C, dev)
-    elif not training:
-        raise ValueError("inference (training=False) needs running_mean and running_var")
-    sdt = _stat_dtype(x.dtype)
-    out = _output(out, "out", x.shape, x.dtype, dev)
-    mean = _output(mean, "mean", (C,), sdt, dev)
-    invstd = _output(invstd, "invstd", (C,), sdt, dev)
+    running_mean, running_var = _running(running_mean, running_var, C, training, dev)
+    if residual is not None:
+        residual = _like_x(residual, "residual", x, dev)
+    sdt = dtypes.stat_dtype(x.dtype)
+    if out is not None:
+        out = _writable(out, "out", x.shape, x.dtype, dev)
+    if mean is not None:
+        mean = _writable(mean, "mean", (C,), sdt, dev)
+    if invstd is not None:
+        invstd = _writable(invstd, "invstd", (C,), sdt, dev)
     if ((out is not None or mean is not None or invstd is not None
          or (training and running_mean is not None))  # else no output to check
-            and (dev or not _separate(x, weight, bias, running_mean, running_var,
-                                      out, mean, invstd))):
+            and (dev or not _separate((x, weight, bias, running_mean, running_var, out, mean,
+                                       invstd, residual)))):
         running = (("running_mean", running_mean), ("running_var", running_var))
         _check_aliasing(
             (("out", out), ("mean", mean), ("invstd", invstd), *(running if training else ())),
-            (("x", x), ("weight", weight), ("bias", bias), *(() if training else running)),
-            ("out", "x"), dev)
+            (("x", x), ("weight", weight), ("bias", bias), ("residual", residual),
+             *(() if training else running)),
+            _FORWARD_MAY_BE, dev)
 
-    ops = be.ops
     lay = be.views.plan(x, ax)
-    if out is None:  # in x's memory order, so that the kernel writes it directly
-        out = _empty_like(x, lay, be)
-    empty = ops.empty if dev else np.empty
-    if mean is None:
-        mean = empty((C,), sdt)
-    if invstd is None:
-        invstd = empty((C,), sdt)
-    x3 = be.views.input_view(x, lay)
-    out3, finish = be.views.output_view(out, lay)
+    out, mean, invstd = _allocate(x, lay, be, C, sdt, out, mean, invstd)
+    x3 = _kernel_input(x, lay, be)
+    out3, finish = _kernel_output(out, lay, be)
+    kw = be.kw
+    if residual is not None or relu:
+        kw = dict(kw, residual=_kernel_input(residual, lay, be), relu=relu)
     if training:
-        ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
-                          out3, mean, invstd, on_nonfinite=on_nonfinite, **be.kw)
+        be.ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
+                             out3, mean, invstd, on_nonfinite, **kw)
     else:
-        ops.forward_infer(x3, weight, bias, eps, running_mean, running_var,
-                          out3, mean, invstd, **be.kw)
+        be.ops.forward_infer(x3, weight, bias, eps, running_mean, running_var,
+                             out3, mean, invstd, **kw)
     finish()
     return ForwardResult(out, mean, invstd)
 
 
 def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
-             grad_input=None, grad_weight=None, grad_bias=None, stream=None):
-    """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``.
+             grad_input=None, grad_weight=None, grad_bias=None, activation=None,
+             forward_out=None, grad_residual=None, stream=None):
+    """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``
+    (and ``residual``).
 
     Parameters
     ----------
@@ -685,13 +607,25 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         The scale used in ``forward``; ``None`` means 1.
     training : bool
         True: the full batch-norm gradient, in which the batch statistics
-        depend on ``x``.  False: the gradient of the affine map alone.
+        depend on ``x``.  False: the gradient of the affine map alone (a frozen
+        layer being fine-tuned).
     axis : int
         The channel axis.
     grad_input, grad_weight, grad_bias : ndarray, optional
-        Preallocated outputs (``grad_input`` like ``x``, the others ``(C,)``).
-        ``grad_input=grad_out`` computes in place.  A ``grad_input`` that nbnorm
-        allocates has ``x``'s memory order, as ``forward``'s ``out``.
+        Preallocated outputs (``grad_input`` like ``x``, the others ``(C,)`` of
+        ``forward``'s ``mean`` dtype).  ``grad_input=grad_out`` computes in
+        place.  A ``grad_input`` that nbnorm allocates has ``x``'s memory order,
+        as ``forward``'s ``out``.
+    activation : {None, "relu"}
+        The ``activation`` of the forward call.  With "relu" the gradient is
+        masked by ``forward_out > 0`` (cuDNN's convention: the mask comes from
+        the output, which is all a fused layer keeps).
+    forward_out : array like ``x``, optional
+        ``forward``'s ``out``; required with ``activation="relu"``, refused without.
+    grad_residual : ndarray like ``x``, optional
+        Receives the gradient with respect to ``forward``'s ``residual``: the
+        masked ``grad_out`` (``grad_out`` itself without an activation), in the
+        same pass.  ``grad_residual=grad_out`` is allowed.
     stream : CUDA stream, optional
         Device arrays only, as for ``forward``.
 
@@ -699,64 +633,72 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     -------
     BackwardResult
         ``(grad_input, grad_weight, grad_bias)`` with ``grad_weight =
-        sum(grad_out * (x - mean) * invstd)`` and ``grad_bias = sum(grad_out)``
-        over every axis but ``axis``, returned whether or not ``weight`` is given.
+        sum(g * (x - mean) * invstd)`` and ``grad_bias = sum(g)`` over every
+        axis but ``axis``, ``g`` the (masked) ``grad_out``; returned whether or
+        not ``weight`` is given.
 
     Raises
     ------
     TypeError, ValueError
-        As for ``forward``; nothing has been written when it raises.
+        As for ``forward``, and ``activation="relu"`` without ``forward_out``;
+        nothing has been written when it raises.
     """
-    if stream is None:
-        done = _plain_backward(grad_out, x, mean, invstd, weight, training, axis, grad_input,
-                               grad_weight, grad_bias)
-        if done is not None:
-            return done
     be = _backend(_BACKWARD_ARRAYS,
-                  (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias),
-                  stream)
+                  (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias,
+                   forward_out, grad_residual), stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
+    relu = _activation(activation)
     _batch_count(x, ax, training)
-    grad_out = _input(grad_out, "grad_out", dev)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have x's shape {x.shape}, got {grad_out.shape}")
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    grad_out = _like_x(grad_out, "grad_out", x, dev, required=True)
     if mean is None or invstd is None:
         raise ValueError("backward needs the mean and invstd that forward returned")
     mean = _channel_input(mean, "mean", C, dev)
     invstd = _channel_input(invstd, "invstd", C, dev)
     weight = _channel_input(weight, "weight", C, dev)
-    sdt = _stat_dtype(x.dtype)
-    grad_input = _output(grad_input, "grad_input", x.shape, x.dtype, dev)
-    grad_weight = _output(grad_weight, "grad_weight", (C,), sdt, dev)
-    grad_bias = _output(grad_bias, "grad_bias", (C,), sdt, dev)
-    if ((grad_input is not None or grad_weight is not None or grad_bias is not None)
-            and (dev or not _separate(grad_out, x, mean, invstd, weight, grad_input,
-                                      grad_weight, grad_bias))):
+    if relu and forward_out is None:
+        raise ValueError("activation='relu' needs forward_out (forward's out), whose sign "
+                         "is the ReLU's mask")
+    if forward_out is not None and not relu:
+        raise ValueError("forward_out is only read with activation='relu'")
+    if forward_out is not None:
+        forward_out = _like_x(forward_out, "forward_out", x, dev)
+    sdt = dtypes.stat_dtype(x.dtype)
+    if grad_input is not None:
+        grad_input = _writable(grad_input, "grad_input", x.shape, x.dtype, dev)
+    if grad_weight is not None:
+        grad_weight = _writable(grad_weight, "grad_weight", (C,), sdt, dev)
+    if grad_bias is not None:
+        grad_bias = _writable(grad_bias, "grad_bias", (C,), sdt, dev)
+    if grad_residual is not None:
+        grad_residual = _writable(grad_residual, "grad_residual", x.shape, x.dtype, dev)
+    if ((grad_input is not None or grad_weight is not None or grad_bias is not None
+         or grad_residual is not None)
+            and (dev or not _separate((grad_out, x, mean, invstd, weight, forward_out,
+                                       grad_input, grad_weight, grad_bias, grad_residual)))):
         _check_aliasing(
             (("grad_input", grad_input), ("grad_weight", grad_weight),
-             ("grad_bias", grad_bias)),
+             ("grad_bias", grad_bias), ("grad_residual", grad_residual)),
             (("grad_out", grad_out), ("x", x), ("mean", mean), ("invstd", invstd),
-             ("weight", weight)),
-            ("grad_input", "grad_out"), dev)
+             ("weight", weight), ("forward_out", forward_out)),
+            _BACKWARD_MAY_BE, dev)
 
     lay = be.views.plan(x, ax)
-    if grad_input is None:  # in x's memory order, so that the kernel writes it directly
-        grad_input = _empty_like(x, lay, be)
-    empty = be.ops.empty if dev else np.empty
-    if grad_weight is None:
-        grad_weight = empty((C,), sdt)
-    if grad_bias is None:
-        grad_bias = empty((C,), sdt)
-    x3 = be.views.input_view(x, lay)
-    dy3 = be.views.input_view(grad_out, lay)
-    dx3, finish = be.views.output_view(grad_input, lay)
+    grad_input, grad_weight, grad_bias = _allocate(x, lay, be, C, sdt, grad_input,
+                                                   grad_weight, grad_bias)
+    x3 = _kernel_input(x, lay, be)
+    dy3 = _kernel_input(grad_out, lay, be)
+    dx3, finish = _kernel_output(grad_input, lay, be)
+    kw = be.kw
+    finish_residual = _nothing
+    if relu or grad_residual is not None:
+        gr3, finish_residual = _kernel_output(grad_residual, lay, be)
+        kw = dict(kw, forward_out=_kernel_input(forward_out, lay, be), grad_residual=gr3)
     be.ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias,
-                    **be.kw)
+                    **kw)
     finish()
+    finish_residual()
     return BackwardResult(grad_input, grad_weight, grad_bias)

@@ -123,15 +123,14 @@ def read_floor(x):
 
 
 @njit(parallel=True, cache=True)
-def _elementwise(x, out, stream):
+def _elementwise(x, out, stream, tasks, step):
     f = x.reshape(-1)
     g = out.reshape(-1)
     n = f.size
-    tasks, step = task_split(n, 1)
     for t in prange(tasks):
         a = f[min(n, t * step):min(n, (t + 1) * step)]
         b = g[min(n, t * step):min(n, (t + 1) * step)]
-        _normalize_run(a, b, 0.0, 2.0, 0.0, stream)
+        _normalize_run(a, None, b, 0.0, 2.0, 0.0, None, stream)
         if stream:
             fence()
 
@@ -140,7 +139,7 @@ def elementwise_floor(x, out):
     """``out = 2 * x``: one read and one write of every element, in parallel, with
     the normalizing pass's arithmetic and, where the kernels would use them
     (``ops._stream``), its streaming stores."""
-    _elementwise(x, out, ops._stream(out))
+    _elementwise(x, out, ops._stream(out), *task_split(x.size, 1))
 
 
 def floors(shapes, dtype, rounds, rng):

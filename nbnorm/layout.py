@@ -43,6 +43,11 @@ def _identity(ndim):
     return _IDENTITY[ndim] if ndim < len(_IDENTITY) else tuple(range(ndim))
 
 
+def is_identity(order):
+    """Whether the axis permutation ``order`` keeps the axes as they are."""
+    return order is _identity(len(order)) or order == _identity(len(order))
+
+
 #: Layouts of C-contiguous arrays by ``(shape, axis)``: a small call's whole
 #: budget is ~10 us, and a training loop passes the same shapes again and again
 #: (plan 1.15 -> 0.15 us).  Cleared when it grows past ``_PLANS_MAX``.
@@ -118,3 +123,21 @@ def output_view(a, lay):
 
 def _nothing():
     pass
+
+
+def overlaps_itself(shape, strides, itemsize):
+    """True unless ``strides`` provably give every element of an array of
+    ``shape`` its own ``itemsize`` bytes (host and device arrays alike).
+
+    Axes sorted by stride must each step over the whole extent of the smaller
+    ones: true of every layout that ``np.empty`` and slicing produce, false for
+    broadcasts and most ``as_strided`` tricks.
+    """
+    if 0 in shape:
+        return False
+    extent = itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(strides, shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False

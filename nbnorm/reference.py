@@ -1,7 +1,12 @@
 """Float64 NumPy reference of forward and backward: the oracle for tests and docs.
 
 Written for clarity, not speed: two-pass statistics in float64 on the whole
-batch, the textbook gradient.  Returns new arrays and never modifies its inputs.
+batch, the textbook gradient, the fused epilogue ``act(bn(x) + residual)``
+and its gradient through the ReLU mask of the forward output.  Returns new
+float64 arrays and never modifies its inputs; ``rounded`` gives the correctly
+rounded value of a float64 result in a storage dtype (half included), which
+is what nbnorm's outputs are, but for a sliver of values within one unit in
+the last place of it.
 """
 
 from typing import NamedTuple
@@ -32,8 +37,26 @@ def _channel(a, C, default):
     return np.full(C, default) if a is None else np.asarray(a, dtype=np.float64)
 
 
+def relu(a):
+    """``max(a, 0)`` keeping NaN (PyTorch's ``relu``)."""
+    return np.where(a <= 0, 0.0, a)
+
+
+def relu_backward(grad_out, forward_out):
+    """The gradient through a ReLU whose output was ``forward_out``: ``grad_out``
+    where ``forward_out > 0``, else 0 (cuDNN's and PyTorch's mask)."""
+    return np.where(np.asarray(forward_out, np.float64) > 0,
+                    np.asarray(grad_out, np.float64), 0.0)
+
+
+def rounded(a, dtype):
+    """Float64 ``a`` rounded to nearest even in ``dtype`` (NumPy's and ml_dtypes'
+    conversions from float64 round once)."""
+    return np.asarray(a, np.float64).astype(dtype)
+
+
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-            training=True, momentum=0.1, eps=1e-5, axis=1):
+            training=True, momentum=0.1, eps=1e-5, axis=1, residual=None, activation=None):
     x2 = _moved(x, axis)
     C, n = x2.shape
     w, b = _channel(weight, C, 1.0), _channel(bias, C, 0.0)
@@ -50,7 +73,14 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         var = np.asarray(running_var, dtype=np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
     out2 = (x2 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]
-    return ReferenceForward(_back(out2, x, axis), mean, invstd, rm, rv)
+    out = _back(out2, x, axis)
+    if residual is not None:
+        out = out + np.asarray(residual, np.float64)
+    if activation == "relu":
+        out = relu(out)
+    elif activation is not None:
+        raise ValueError(activation)
+    return ReferenceForward(out, mean, invstd, rm, rv)
 
 
 class ReferenceBackward(NamedTuple):
@@ -59,7 +89,13 @@ class ReferenceBackward(NamedTuple):
     grad_bias: np.ndarray
 
 
-def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1):
+def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
+             activation=None, forward_out=None):
+    """The gradients of ``forward``; with ``activation="relu"``, through the mask
+    of ``forward_out`` (the gradient with respect to ``residual`` is then
+    ``relu_backward(grad_out, forward_out)``, else ``grad_out``)."""
+    if activation == "relu":
+        grad_out = relu_backward(grad_out, forward_out)
     x2 = _moved(x, axis)
     dy = _moved(grad_out, axis)
     C, n = x2.shape

@@ -19,27 +19,40 @@ short runs reduces by channel groups and writes ``grad_input`` by
 import numpy as np
 from numba import njit, prange
 
-from .. import config
-from . import streaming
-from .forward import _normalize_run, normalize_serial_interleaved, task_split
-from .stats import _UNROLL_MIN_C, group_task, tile, widen
+from . import per_channel, streaming
+from .convert import compact, load, store
+from .epilogue import cut, grad, plain, put, row, run
+from .epilogue import wide as wide_rows
+from .forward import _normalize_run, normalize_serial_interleaved
+from .stats import _FM, group_task, tile, widen
 
-_FM = set(config.FASTMATH)
+_grad_coeffs = per_channel.math.grad_coeffs
+_affine_coeffs = per_channel.math.affine_coeffs
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_dual_sum(dy, x, m):
+def _run_dual_sum(dy, fo, x, m):
+    """``sum(g)``, ``sum(g * (x - m))`` of a run, ``g`` the gradient through the
+    ReLU mask of ``fo`` (None: ``dy`` itself; ``epilogue.grad``)."""
     s = 0.0
     sx = 0.0
     for i in range(dy.size):
-        g = np.float64(dy[i])
+        g = grad(dy, fo, i)
         s += g
-        sx += g * (np.float64(x[i]) - m)
+        sx += g * (load(x[i]) - m)
     return s, sx
 
 
 @njit(cache=True)
-def _planar_part_dual_sums(dy, x, c0, c1, j0, j1, mean, s, sx):
+def mask_relu(dy, fo, g):
+    """``g = dy * (fo > 0)`` of flat arrays (``g`` may be ``dy``): the masked
+    gradient, for inference-mode backward (``ops``)."""
+    for i in range(g.size):
+        g[i] = store(grad(dy, fo, i), g)
+
+
+@njit(cache=True)
+def _planar_part_dual_sums(dy, fo, x, c0, c1, j0, j1, mean, s, sx):
     """``sum(dy)`` and ``sum(dy * (x - mean[c]))`` of elements ``[j0, j1)`` of each
     channel ``c0 <= c < c1`` into ``s[c - c0]``, ``sx[c - c0]``: the channels' runs
     row by row, each channel's in order (see ``stats.planar_group``)."""
@@ -52,13 +65,14 @@ def _planar_part_dual_sums(dy, x, c0, c1, j0, j1, mean, s, sx):
         i1 = min(inner, j1 - o * inner)
         for g in range(G):
             c = c0 + g
-            a, b = _run_dual_sum(dy[o, c, i0:i1], x[o, c, i0:i1], np.float64(mean[c]))
+            a, b = _run_dual_sum(dy[o, c, i0:i1], cut(fo, o, c, i0, i1), x[o, c, i0:i1],
+                                 np.float64(mean[c]))
             s[g] += a
             sx[g] += b
 
 
 @njit(cache=True)
-def _planar_channel_dual_sums(dy, x, c0, c1, parts, mean, sum_dy_out, sum_dy_xmu_out):
+def _planar_channel_dual_sums(dy, fo, x, c0, c1, parts, mean, sum_dy_out, sum_dy_xmu_out):
     """``backward_reduce_planar`` for channels ``[c0, c1)``, all parts in one task."""
     n = x.shape[0] * x.shape[2]
     step = -(-n // parts)
@@ -68,15 +82,16 @@ def _planar_channel_dual_sums(dy, x, c0, c1, parts, mean, sum_dy_out, sum_dy_xmu
     sum_dy_xmu_out[c0:c1] = 0.0
     for p in range(parts):
         j0 = min(n, p * step)
-        _planar_part_dual_sums(dy, x, c0, c1, j0, min(n, j0 + step), mean, w[0], w[1])
+        _planar_part_dual_sums(dy, fo, x, c0, c1, j0, min(n, j0 + step), mean, w[0], w[1])
         for g in range(G):
             sum_dy_out[c0 + g] += w[0, g]
             sum_dy_xmu_out[c0 + g] += w[1, g]
 
 
 @njit(parallel=True, cache=True)
-def backward_reduce_planar(dy, x, mean, parts, group, sum_dy_out, sum_dy_xmu_out):
-    """One task per (group of ``group`` channels, part) (``stats.planar_group``)."""
+def backward_reduce_planar(dy, fo, x, mean, parts, group, sum_dy_out, sum_dy_xmu_out):
+    """One task per (group of ``group`` channels, part) (``stats.planar_group``);
+    ``fo``: the ReLU mask's forward output, or None."""
     outer, C, inner = x.shape
     n = outer * inner
     groups = -(-C // group)
@@ -84,7 +99,7 @@ def backward_reduce_planar(dy, x, mean, parts, group, sum_dy_out, sum_dy_xmu_out
     psx = np.empty((parts, C))
     for t in prange(groups * parts):
         p, c0, c1, j0, j1 = group_task(t, parts, group, C, n)
-        _planar_part_dual_sums(dy, x, c0, c1, j0, j1, mean, ps[p, c0:c1], psx[p, c0:c1])
+        _planar_part_dual_sums(dy, fo, x, c0, c1, j0, j1, mean, ps[p, c0:c1], psx[p, c0:c1])
     for c in prange(C):
         s = 0.0
         sx = 0.0
@@ -96,43 +111,48 @@ def backward_reduce_planar(dy, x, mean, parts, group, sum_dy_out, sum_dy_xmu_out
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_dual_sum(dy, x, r0, r1, mean, s, sx):
+def _rows_dual_sum(dy, fo, x, r0, r1, mean, s, sx, unroll_c):
     """Per-channel sums over rows ``[r0, r1)``, four rows per update of the
     accumulators (their loads and stores dominate; see ``stats._rows_sum``)."""
     s[:] = 0.0
     sx[:] = 0.0
     r = r0
-    while r + 4 <= r1 and s.size >= _UNROLL_MIN_C:
+    while r + 4 <= r1 and s.size >= unroll_c:
         g0 = dy[r]
         g1 = dy[r + 1]
         g2 = dy[r + 2]
         g3 = dy[r + 3]
+        f0 = row(fo, r)
+        f1 = row(fo, r + 1)
+        f2 = row(fo, r + 2)
+        f3 = row(fo, r + 3)
         x0 = x[r]
         x1 = x[r + 1]
         x2 = x[r + 2]
         x3 = x[r + 3]
         for c in range(s.size):
             m = mean[c]
-            a0 = np.float64(g0[c])
-            a1 = np.float64(g1[c])
-            a2 = np.float64(g2[c])
-            a3 = np.float64(g3[c])
+            a0 = grad(g0, f0, c)
+            a1 = grad(g1, f1, c)
+            a2 = grad(g2, f2, c)
+            a3 = grad(g3, f3, c)
             s[c] += (a0 + a1) + (a2 + a3)
-            sx[c] += ((a0 * (np.float64(x0[c]) - m) + a1 * (np.float64(x1[c]) - m))
-                      + (a2 * (np.float64(x2[c]) - m) + a3 * (np.float64(x3[c]) - m)))
+            sx[c] += ((a0 * (load(x0[c]) - m) + a1 * (load(x1[c]) - m))
+                      + (a2 * (load(x2[c]) - m) + a3 * (load(x3[c]) - m)))
         r += 4
     while r < r1:
         gr = dy[r]
+        fr = row(fo, r)
         xr = x[r]
         for c in range(s.size):
-            g = np.float64(gr[c])
+            g = grad(gr, fr, c)
             s[c] += g
-            sx[c] += g * (np.float64(xr[c]) - mean[c])
+            sx[c] += g * (load(xr[c]) - mean[c])
         r += 1
 
 
 @njit(cache=True)
-def _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out):
+def _finish_interleaved(dy, fo, x, mean, wide, unroll_c, work, sum_dy_out, sum_dy_xmu_out):
     """Per-channel sums from the parts' wide-row sums (``work[p, 0]``,
     ``work[p, 1]``: added in part order, then the column groups in group order),
     plus the ``outer % wide`` narrow rows left over."""
@@ -152,18 +172,20 @@ def _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out):
             sum_dy_xmu_out[c] += wsx[j * C + c]
     if outer > ow * wide:
         r = np.empty((2, C))
-        _rows_dual_sum(dy, x, ow * wide, outer, mean, r[0], r[1])
+        _rows_dual_sum(dy, fo, x, ow * wide, outer, mean, r[0], r[1], unroll_c)
         for c in range(C):
             sum_dy_out[c] += r[0, c]
             sum_dy_xmu_out[c] += r[1, c]
 
 
 @njit(parallel=True, cache=True)
-def backward_reduce_interleaved(dy, x, mean, wide, parts, sum_dy_out, sum_dy_xmu_out, work):
+def backward_reduce_interleaved(dy, fo, x, mean, wide, parts, unroll_c, sum_dy_out,
+                                sum_dy_xmu_out, work):
     """``x`` viewed as wide rows of ``wide`` rows each (``stats.wide_rows``).  ``work``: float64
     scratch of shape ``(parts, 2, wide*C)`` kept by the caller (see
     ``stats.channel_stats_interleaved``)."""
     dyw = widen(dy, wide)
+    fow = wide_rows(fo, wide)
     xw = widen(x, wide)
     mw = tile(mean, wide)
     ow = xw.shape[0]
@@ -171,8 +193,8 @@ def backward_reduce_interleaved(dy, x, mean, wide, parts, sum_dy_out, sum_dy_xmu
     for p in prange(parts):
         r0 = min(ow, p * step)
         r1 = min(ow, r0 + step)
-        _rows_dual_sum(dyw, xw, r0, r1, mw, work[p, 0], work[p, 1])
-    _finish_interleaved(dy, x, mean, wide, work, sum_dy_out, sum_dy_xmu_out)
+        _rows_dual_sum(dyw, fow, xw, r0, r1, mw, work[p, 0], work[p, 1], unroll_c)
+    _finish_interleaved(dy, fo, x, mean, wide, unroll_c, work, sum_dy_out, sum_dy_xmu_out)
 
 
 @njit(cache=True, inline="always")
@@ -181,42 +203,44 @@ def grad_coeffs(c, n, s, sx, inv, weight):
     float dtype of ``inv`` and ``weight``; ``ops`` computes the same expressions
     with NumPy."""
     inv = np.float64(inv)
-    k = inv * np.float64(weight[c]) if weight.size else inv
-    return s / n, sx * inv * inv / n, k
+    return _grad_coeffs(n, s, sx, inv, np.float64(weight[c]) if weight.size else 1.0)
 
 
 @njit(cache=True)
-def _grad_run(gr, xr, yr, m, a, b, k, stream):
-    """``yr = k * (gr - a - (xr - m) * b)`` for scalar coefficients (float32 data:
-    ``k * gr + (q * xr + r)``, see ``_grad_rows``); ``stream``: its whole lines
-    with streaming stores (``streaming``), the same bits."""
-    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
-    if xr.itemsize == 4:  # a constant of the compiled signature
+def _grad_run(gr, fr, xr, yr, er, m, a, b, k, stream):
+    """``yr = k * (g - a - (xr - m) * b)`` for scalar coefficients (compact data:
+    ``k * g + (q * xr + r)``, see ``_grad_rows``), ``g`` the run of ``gr``
+    through the ReLU mask of ``fr`` (None: ``gr`` itself), written to ``er``
+    too unless it is None (``epilogue``); ``stream``: its whole lines with
+    streaming stores (``streaming``), the same bits."""
+    h, e = streaming.span(yr) if stream and plain(yr, fr, er) else (yr.size, yr.size)
+    if compact(xr):  # a constant of the compiled signature
         q, r = _affine_coeffs(m, a, b, k)
         for i in range(h):
-            yr[i] = k * np.float64(gr[i]) + (q * np.float64(xr[i]) + r)
+            g = grad(gr, fr, i)
+            yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
+            put(er, i, g)
         if e > h:
             streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r)
         for i in range(e, yr.size):
-            yr[i] = k * np.float64(gr[i]) + (q * np.float64(xr[i]) + r)
+            g = grad(gr, fr, i)
+            yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
+            put(er, i, g)
     else:
         for i in range(h):
-            yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+            g = grad(gr, fr, i)
+            yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
+            put(er, i, g)
         if e > h:
             streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k)
         for i in range(e, yr.size):
-            yr[i] = k * (np.float64(gr[i]) - a - (np.float64(xr[i]) - m) * b)
+            g = grad(gr, fr, i)
+            yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
+            put(er, i, g)
 
 
 @njit(cache=True)
-def _affine_coeffs(mean, a, b, k):
-    """``(q, r)`` of ``dx = k*dy + (q*x + r)``, the same map as
-    ``dx = k * (dy - a - (x - mean) * b)`` (arrays or scalars: the same bits)."""
-    return -k * b, k * (b * mean - a)
-
-
-@njit(cache=True)
-def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
+def _grad_rows(dy, fo, x, r0, r1, mean, a, b, k, q, r, dx, gres):
     """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``.
 
     float32 data use ``k*dy + (q*x + r)``: two multiply-adds and three
@@ -224,18 +248,26 @@ def _grad_rows(dy, x, r0, r1, mean, a, b, k, q, r, dx):
     grad pass, x copy time, same process: 1.91/1.63/1.40 -> 1.70/1.48/1.31).  In
     float64 arithmetic its cancellation, ~1e-16 * |mean| / std relative, is far
     below float32's rounding; float64 data keep the centred form, which does
-    not lose digits to a large mean.
+    not lose digits to a large mean.  Half data take the float32 form too.
+    ``fo`` (the ReLU mask's forward output) and ``gres`` (``grad_residual``,
+    written with the masked gradient) may be None (``epilogue``).
     """
-    for row in range(r0, r1):
-        gr = dy[row]
-        xr = x[row]
-        yr = dx[row]
-        if x.itemsize == 4:  # a constant of the compiled signature
+    for i in range(r0, r1):
+        gr = dy[i]
+        fr = row(fo, i)
+        xr = x[i]
+        yr = dx[i]
+        er = row(gres, i)
+        if compact(x):  # a constant of the compiled signature
             for c in range(yr.size):
-                yr[c] = k[c] * np.float64(gr[c]) + (q[c] * np.float64(xr[c]) + r[c])
+                g = grad(gr, fr, c)
+                yr[c] = store(k[c] * g + (q[c] * load(xr[c]) + r[c]), yr)
+                put(er, c, g)
         else:
             for c in range(yr.size):
-                yr[c] = k[c] * (np.float64(gr[c]) - a[c] - (np.float64(xr[c]) - mean[c]) * b[c])
+                g = grad(gr, fr, c)
+                yr[c] = store(k[c] * (g - a[c] - (load(xr[c]) - mean[c]) * b[c]), yr)
+                put(er, c, g)
 
 
 @njit(cache=True)
@@ -243,7 +275,7 @@ def _grad_values(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r):
     """``_grad_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end."""
     c = i0 % C
     for i in range(i0, i1):
-        if xf.itemsize == 4:
+        if compact(xf):
             yf[i] = k[c] * np.float64(gf[i]) + (q[c] * np.float64(xf[i]) + r[c])
         else:
             yf[i] = k[c] * (np.float64(gf[i]) - a[c] - (np.float64(xf[i]) - mean[c]) * b[c])
@@ -257,7 +289,7 @@ def _grad_span(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r, stream):
     h, e = streaming.cols_span(yf[i0:i1], stream)
     _grad_values(gf, xf, yf, i0, i0 + h, C, mean, a, b, k, q, r)
     if e > h:
-        if xf.itemsize == 4:
+        if compact(xf):
             streaming.grad_affine_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, gf, xf,
                                        k, q, r)
         else:
@@ -267,23 +299,25 @@ def _grad_span(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r, stream):
 
 
 @njit(parallel=True, cache=True)
-def grad_input_planar(dy, x, mean, a, b, k, dx, stream):
-    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])``; ``stream``: streaming
-    stores (``streaming``), a fence at the end of each task."""
+def grad_input_planar(dy, fo, x, mean, a, b, k, dx, gres, stream, tasks, step):
+    """``dx = k[c] * (g - a[c] - (x - mean[c]) * b[c])``, ``g = dy`` through the
+    ReLU mask of ``fo``, also written to ``gres`` (both may be None);
+    ``stream``: streaming stores (``streaming``), a fence at the end of each
+    task; ``(tasks, step)``: ``forward.task_split``."""
     outer, C, inner = x.shape
-    tasks, step = task_split(outer * C, inner)
     for t in prange(tasks):
         for j in range(t * step, min(outer * C, (t + 1) * step)):
             o, c = divmod(np.int64(j), C)
-            _grad_run(dy[o, c], x[o, c], dx[o, c], mean[c], a[c], b[c], k[c], stream)
+            _grad_run(dy[o, c], run(fo, o, c), x[o, c], dx[o, c], run(gres, o, c), mean[c],
+                      a[c], b[c], k[c], stream)
         if stream:
             streaming.fence()
 
 
 @njit(parallel=True, cache=True)
-def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream, repeat=1):
-    """``dx = k[c] * (dy - a[c] - (x - mean[c]) * b[c])`` of ``x[outer, C]``; ``dx``
-    may be ``dy``; ``stream`` as in ``grad_input_planar``.  A task's rows are one
+def grad_input_interleaved(dy, fo, x, mean, a, b, k, dx, gres, stream, tasks, step,
+                           repeat=1):
+    """``grad_input_planar`` of ``x[outer, C]``; ``dx`` may be ``dy``.  A task's rows are one
     run, as in ``forward.normalize_interleaved``; each coefficient serves
     ``repeat`` consecutive columns (a planar batch of short runs viewed as rows
     of ``C * inner``: ``repeat = inner``, the bits of ``grad_input_planar``)."""
@@ -292,7 +326,7 @@ def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream, repeat=1):
     xf = x.reshape(-1)
     yf = dx.reshape(-1)
     isz = dx.itemsize
-    if isz == 4:  # only k, q and r are read (``_grad_rows``)
+    if compact(dx):  # only k, q and r are read (``_grad_rows``)
         q, r = _affine_coeffs(mean, a, b, k)
         kp = streaming.periodic(k, isz, repeat)
         qp = streaming.periodic(q, isz, repeat)
@@ -304,17 +338,19 @@ def grad_input_interleaved(dy, x, mean, a, b, k, dx, stream, repeat=1):
         bp = streaming.periodic(b, isz, repeat)
         kp = streaming.periodic(k, isz, repeat)
         qp = rp = kp
-    tasks, step = task_split(outer, C)
     for t in prange(tasks):
         r0 = min(outer, t * step)
         r1 = min(outer, r0 + step)
-        _grad_span(gf, xf, yf, r0 * C, r1 * C, C, mp, ap, bp, kp, qp, rp, stream)
-        if stream:
-            streaming.fence()
+        if plain(dx, fo, gres):
+            _grad_span(gf, xf, yf, r0 * C, r1 * C, C, mp, ap, bp, kp, qp, rp, stream)
+            if stream:
+                streaming.fence()
+        else:  # half data or an epilogue: row by row, ordinary stores
+            _grad_rows(dy, fo, x, r0, r1, mp, ap, bp, kp, qp, rp, dx, gres)
 
 
 @njit(cache=True)
-def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_out,
+def _planar_channel(dy, fo, x, c, mean, invstd, weight, parts, training, dx, gres, sum_dy_out,
                     sum_dy_xmu_out, stream):
     """The whole backward of channel ``c`` of ``x[outer, C, inner]``: its sums,
     then its ``dx`` while the channel is still in cache.  Inference mode
@@ -322,23 +358,25 @@ def _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, sum_dy_
     ``_grad_run``."""
     outer, C, inner = x.shape
     m = np.float64(mean[c])
-    _planar_channel_dual_sums(dy, x, c, c + 1, parts, mean, sum_dy_out, sum_dy_xmu_out)
+    _planar_channel_dual_sums(dy, fo, x, c, c + 1, parts, mean, sum_dy_out, sum_dy_xmu_out)
     s = sum_dy_out[c]
     sx = sum_dy_xmu_out[c]
     a, b, k = grad_coeffs(c, outer * inner, s, sx, invstd[c], weight)
     for o in range(outer):
         if training:
-            _grad_run(dy[o, c], x[o, c], dx[o, c], m, a, b, k, stream)
-        else:  # the affine map's gradient: dx does not depend on x
-            _normalize_run(dy[o, c], dx[o, c], 0.0, k, 0.0, stream)
+            _grad_run(dy[o, c], run(fo, o, c), x[o, c], dx[o, c], run(gres, o, c), m, a, b, k,
+                      stream)
+        else:  # the affine map's gradient (``ops`` applied any mask): dx does not depend on x
+            _normalize_run(dy[o, c], None, dx[o, c], 0.0, k, 0.0, None, stream)
 
 
 @njit(parallel=True, cache=True)
-def train_planar(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xmu_out, stream):
+def train_planar(dy, fo, x, mean, invstd, weight, parts, dx, gres, sum_dy_out, sum_dy_xmu_out,
+                 stream):
     """Training-mode backward of ``x[outer, C, inner]``, one task per channel;
-    ``stream`` as in ``grad_input_planar``."""
+    ``fo``, ``gres`` and ``stream`` as in ``grad_input_planar``."""
     for c in prange(x.shape[1]):
-        _planar_channel(dy, x, c, mean, invstd, weight, parts, True, dx, sum_dy_out,
+        _planar_channel(dy, fo, x, c, mean, invstd, weight, parts, True, dx, gres, sum_dy_out,
                         sum_dy_xmu_out, stream)
         if stream:
             streaming.fence()
@@ -354,26 +392,28 @@ def _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias):
 
 
 @njit(cache=True)
-def backward_serial_planar(dy, x, mean, invstd, weight, parts, training, dx, grad_weight,
-                           grad_bias):
+def backward_serial_planar(dy, fo, x, mean, invstd, weight, parts, training, dx, gres,
+                           grad_weight, grad_bias):
     """A whole backward call for a small ``x[outer, C, inner]`` on the calling
     thread, in one Numba call (``mean``, ``invstd``, ``weight`` of any float dtype)."""
     C = x.shape[1]
     s = np.empty(C)
     sx = np.empty(C)
     for c in range(C):
-        _planar_channel(dy, x, c, mean, invstd, weight, parts, training, dx, s, sx, False)
+        _planar_channel(dy, fo, x, c, mean, invstd, weight, parts, training, dx, gres, s, sx,
+                        False)
     _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias)
 
 
 @njit(cache=True)
-def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, training, dx,
-                                grad_weight, grad_bias):
+def backward_serial_interleaved(dy, fo, x, mean, invstd, weight, wide, parts, unroll_c,
+                                training, dx, gres, grad_weight, grad_bias):
     """``backward_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
     s = np.empty(C)
     sx = np.empty(C)
     dyw = widen(dy, wide)
+    fow = wide_rows(fo, wide)
     xw = widen(x, wide)
     mw = tile(mean, wide)
     ow = xw.shape[0]
@@ -381,8 +421,9 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
     work = np.empty((parts, 2, xw.shape[1]))
     for p in range(parts):
         r0 = min(ow, p * step)
-        _rows_dual_sum(dyw, xw, r0, min(ow, r0 + step), mw, work[p, 0], work[p, 1])
-    _finish_interleaved(dy, x, mean, wide, work, s, sx)
+        _rows_dual_sum(dyw, fow, xw, r0, min(ow, r0 + step), mw, work[p, 0], work[p, 1],
+                       unroll_c)
+    _finish_interleaved(dy, fo, x, mean, wide, unroll_c, work, s, sx)
     a = np.empty(C)
     b = np.empty(C)
     k = np.empty(C)
@@ -390,10 +431,10 @@ def backward_serial_interleaved(dy, x, mean, invstd, weight, wide, parts, traini
         a[c], b[c], k[c] = grad_coeffs(c, outer, s[c], sx[c], invstd[c], weight)
     if training:
         q, r = _affine_coeffs(mean, a, b, k)
-        _grad_rows(dyw, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
-                   tile(q, wide), tile(r, wide), widen(dx, wide))
-        _grad_rows(dy, x, ow * wide, outer, mean, a, b, k, q, r, dx)
-    else:  # the affine map's gradient: dx does not depend on x
+        _grad_rows(dyw, fow, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
+                   tile(q, wide), tile(r, wide), widen(dx, wide), wide_rows(gres, wide))
+        _grad_rows(dy, fo, x, ow * wide, outer, mean, a, b, k, q, r, dx, gres)
+    else:  # the affine map's gradient (``ops`` applied any mask): dx does not depend on x
         a[:] = 0.0
-        normalize_serial_interleaved(dy, wide, a, k, a, dx)
+        normalize_serial_interleaved(dy, wide, a, k, a, dx, None, None)
     _weight_bias_grads(s, sx, invstd, grad_weight, grad_bias)

@@ -25,7 +25,16 @@ bits do not depend on it.
 import numpy as np
 from numba import njit, prange
 
-from . import stats, streaming
+from .. import config
+from . import per_channel, stats, streaming
+from .convert import compact, load, store
+from .epilogue import finish, plain, row, run
+from .epilogue import wide as wide_rows
+
+invstd = per_channel.math.invstd
+offsets = per_channel.math.offset
+_running_update = per_channel.math.running_update
+_moments_finite = per_channel.math.moments_finite
 
 
 @njit(cache=True, inline="always")
@@ -41,40 +50,35 @@ def affine(c, inv, weight, bias):
 @njit(cache=True, inline="always")
 def scale_shift(c, n, eps, mu, m2, weight, bias):
     """``affine`` for a channel with moments ``mu``, ``m2`` of ``n`` values."""
-    return affine(c, 1.0 / np.sqrt(m2 / n + eps), weight, bias)
+    return affine(c, invstd(m2, n, eps), weight, bias)
 
 
 @njit(cache=True)
-def _normalize_run(xr, yr, m, s, b, stream):
-    """``yr = (xr - m) * s + b`` for scalars ``m``, ``s``, ``b`` (float32 data:
-    ``xr * s + (b - m * s)``, see ``_normalize_rows``); ``stream``: its whole
-    lines with streaming stores (``streaming``), the same bits."""
-    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
-    if xr.itemsize == 4:  # a constant of the compiled signature
-        t = b - m * s
+def _normalize_run(xr, rr, yr, m, s, b, act, stream):
+    """``yr = act((xr - m) * s + b + rr)`` for scalars ``m``, ``s``, ``b``
+    (compact data: ``xr * s + (b - m * s)``, see ``_normalize_rows``); ``rr``
+    (the residual's run) and ``act`` may be None (``epilogue``); ``stream``:
+    its whole lines with streaming stores (``streaming``), the same bits."""
+    h, e = streaming.span(yr) if stream and plain(yr, rr, act) else (yr.size, yr.size)
+    if compact(xr):  # a constant of the compiled signature
+        t = offsets(m, s, b)
         for i in range(h):
-            yr[i] = np.float64(xr[i]) * s + t
+            yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
         if e > h:
             streaming.scale_offset_lines(yr, h, e, xr, s, t)
         for i in range(e, yr.size):
-            yr[i] = np.float64(xr[i]) * s + t
+            yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
     else:
         for i in range(h):
-            yr[i] = (np.float64(xr[i]) - m) * s + b
+            yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
         if e > h:
             streaming.affine_lines(yr, h, e, xr, m, s, b)
         for i in range(e, yr.size):
-            yr[i] = (np.float64(xr[i]) - m) * s + b
-
-
-@njit(cache=True, inline="always")
-def offsets(center, scale, shift):
-    """``shift - center * scale``: the offsets of float32 rows (``_normalize_rows``)."""
-    return shift - center * scale
+            yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
 
 
 @njit(cache=True)
-def _normalize_rows(x, r0, r1, center, scale, shift, offset, out):
+def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, res, act):
     """``out = (x - center) * scale + shift`` for rows ``[r0, r1)``, per-column
     ``center``, ``scale``, ``shift`` and ``offset = offsets(center, scale, shift)``.
 
@@ -85,17 +89,21 @@ def _normalize_rows(x, r0, r1, center, scale, shift, offset, out):
     rounds in 3 processes: 0.81-1.17 -> 0.70-0.97, level with the elementwise
     floor).  In float64 arithmetic the form cancels ~1e-16 * |mean| / std of a
     value's magnitude, far below float32's rounding; float64 data keep the
-    centred form, which loses nothing to a large mean.
+    centred form, which loses nothing to a large mean.  Half data take the
+    float32 form too (``convert.compact``).  ``res`` (rows of the residual)
+    and ``act`` may be None (``epilogue``).
     """
     for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
-        if x.itemsize == 4:  # a constant of the compiled signature
+        rr = row(res, r)
+        if compact(x):  # a constant of the compiled signature
             for c in range(yr.size):
-                yr[c] = np.float64(xr[c]) * scale[c] + offset[c]
+                yr[c] = store(finish(load(xr[c]) * scale[c] + offset[c], rr, c, act), yr)
         else:
             for c in range(yr.size):
-                yr[c] = (np.float64(xr[c]) - center[c]) * scale[c] + shift[c]
+                yr[c] = store(finish((load(xr[c]) - center[c]) * scale[c] + shift[c], rr, c,
+                                     act), yr)
 
 
 @njit(cache=True)
@@ -103,7 +111,7 @@ def _normalize_values(xf, yf, i0, i1, C, center, scale, shift, offset):
     """``_normalize_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end."""
     c = i0 % C
     for i in range(i0, i1):
-        if xf.itemsize == 4:
+        if compact(xf):
             yf[i] = np.float64(xf[i]) * scale[c] + offset[c]
         else:
             yf[i] = (np.float64(xf[i]) - center[c]) * scale[c] + shift[c]
@@ -118,7 +126,7 @@ def _normalize_span(xf, yf, i0, i1, C, center, scale, shift, offset, stream):
     h, e = streaming.cols_span(yf[i0:i1], stream)
     _normalize_values(xf, yf, i0, i0 + h, C, center, scale, shift, offset)
     if e > h:
-        if xf.itemsize == 4:
+        if compact(xf):
             streaming.scale_offset_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, xf,
                                         scale, offset)
         else:
@@ -127,38 +135,34 @@ def _normalize_span(xf, yf, i0, i1, C, center, scale, shift, offset, stream):
     _normalize_values(xf, yf, i0 + e, i1, C, center, scale, shift, offset)
 
 
-#: Tasks of the parallel elementwise passes...
-TASKS = 256
-#: ...each writing at least this many values where the batch allows: a smaller
-#: task costs more to hand out than its work (NC 512x100 float32 normalizing
-#: pass, 2 threads: 3.7 -> 2.6 copy-times, 256 tasks of 200 values -> 12).
-TASK_MIN_VALUES = 4096
-
-
-@njit(cache=True, inline="always")
 def task_split(n, size):
-    """``(tasks, step)``: ``n`` runs or rows of ``size`` values each in at most
-    ``TASKS`` tasks of ``step``, of at least ``TASK_MIN_VALUES`` values if possible."""
-    tasks = max(1, min(n, TASKS, n * size // TASK_MIN_VALUES))
+    """``(tasks, step)`` of a parallel elementwise pass: ``n`` runs or rows of
+    ``size`` values each in at most ``config.TASKS`` tasks of ``step``, of at
+    least ``config.TASK_MIN_VALUES`` values if possible (``ops`` computes it at
+    every call, so patching the config takes effect at once)."""
+    tasks = max(1, min(n, config.TASKS, n * size // config.TASK_MIN_VALUES))
     return tasks, -(-n // tasks)
 
 
 @njit(parallel=True, cache=True)
-def normalize_planar(x, center, scale, shift, out, stream):
-    """``stream``: streaming stores (``streaming``), a fence at the end of each task."""
+def normalize_planar(x, center, scale, shift, out, stream, tasks, step, res, act):
+    """``stream``: streaming stores (``streaming``), a fence at the end of each
+    task; ``(tasks, step)``: ``task_split``; ``res``, ``act``: ``epilogue``."""
     outer, C, inner = x.shape
-    tasks, step = task_split(outer * C, inner)
     for t in prange(tasks):
         for j in range(t * step, min(outer * C, (t + 1) * step)):
             o, c = divmod(np.int64(j), C)
-            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c], stream)
+            _normalize_run(x[o, c], run(res, o, c), out[o, c], center[c], scale[c], shift[c],
+                           act, stream)
         if stream:
             streaming.fence()
 
 
 @njit(parallel=True, cache=True)
-def normalize_interleaved(x, center, scale, shift, out, stream, repeat=1):
-    """``out`` may be ``x``; ``stream`` as in ``normalize_planar``; each value of
+def normalize_interleaved(x, center, scale, shift, out, stream, tasks, step, res, act,
+                          repeat=1):
+    """``out`` may be ``x``; ``stream``, ``tasks``, ``step``, ``res`` and ``act`` as
+    in ``normalize_planar``; each value of
     ``center``, ``scale`` and ``shift`` serves ``repeat`` consecutive columns (a
     planar batch of short runs viewed as rows of ``C * inner``: ``repeat = inner``).
 
@@ -186,25 +190,28 @@ def normalize_interleaved(x, center, scale, shift, out, stream, repeat=1):
     sp = streaming.periodic(scale, isz, repeat)
     bp = streaming.periodic(shift, isz, repeat)
     op = streaming.periodic(offset, isz, repeat)
-    tasks, step = task_split(outer, C)
     for t in prange(tasks):
         r0 = min(outer, t * step)
         r1 = min(outer, r0 + step)
-        _normalize_span(xf, yf, r0 * C, r1 * C, C, cp, sp, bp, op, stream)
-        if stream:
-            streaming.fence()
+        if plain(out, res, act):
+            _normalize_span(xf, yf, r0 * C, r1 * C, C, cp, sp, bp, op, stream)
+            if stream:
+                streaming.fence()
+        else:  # half data or an epilogue: row by row, ordinary stores
+            _normalize_rows(x, r0, r1, cp, sp, bp, op, out, res, act)
 
 
 @njit(cache=True)
-def normalize_serial_planar(x, center, scale, shift, out):
+def normalize_serial_planar(x, center, scale, shift, out, res, act):
     outer, C, inner = x.shape
     for o in range(outer):
         for c in range(C):
-            _normalize_run(x[o, c], out[o, c], center[c], scale[c], shift[c], False)
+            _normalize_run(x[o, c], run(res, o, c), out[o, c], center[c], scale[c], shift[c],
+                           act, False)
 
 
 @njit(cache=True)
-def _normalize_table(x, wide, coef, out):
+def _normalize_table(x, wide, coef, out, res, act):
     """``normalize_serial_interleaved`` with ``coef``: center, scale and shift
     tiled for the wide rows, shape ``(3, wide*C)``; its first C columns serve the
     leftover narrow rows."""
@@ -212,26 +219,26 @@ def _normalize_table(x, wide, coef, out):
     ow = x.shape[0] // wide
     offset = offsets(coef[0], coef[1], coef[2])
     _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2], offset,
-                    stats.widen(out, wide))
+                    stats.widen(out, wide), wide_rows(res, wide), act)
     _normalize_rows(x, ow * wide, x.shape[0], coef[0, :C], coef[1, :C], coef[2, :C],
-                    offset[:C], out)
+                    offset[:C], out, res, act)
 
 
 @njit(cache=True)
-def normalize_serial_interleaved(x, wide, center, scale, shift, out):
+def normalize_serial_interleaved(x, wide, center, scale, shift, out, res, act):
     C = center.size
     coef = np.empty((3, wide * C))
     for j in range(wide):
         coef[0, j * C:(j + 1) * C] = center
         coef[1, j * C:(j + 1) * C] = scale
         coef[2, j * C:(j + 1) * C] = shift
-    _normalize_table(x, wide, coef, out)
+    _normalize_table(x, wide, coef, out, res, act)
 
 
 @njit(parallel=True, cache=True)
-def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out, stream):
+def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out, stream, res, act):
     """Statistics and normalization of ``x[outer, C, inner]``, one task per channel;
-    ``stream`` as in ``normalize_planar``."""
+    ``stream``, ``res`` and ``act`` as in ``normalize_planar``."""
     outer, C, inner = x.shape
     n = outer * inner
     for c in prange(C):
@@ -240,7 +247,7 @@ def train_planar(x, parts, block, eps, weight, bias, out, mean_out, m2_out, stre
         m2 = m2_out[c]
         s, b = scale_shift(c, n, eps, mu, m2, weight, bias)
         for o in range(outer):
-            _normalize_run(x[o, c], out[o, c], mu, s, b, stream)
+            _normalize_run(x[o, c], run(res, o, c), out[o, c], mu, s, b, act, stream)
         if stream:
             streaming.fence()
 
@@ -254,21 +261,19 @@ def finish_train(mu, m2, n, eps, momentum, mean_out, invstd_out, running_mean, r
     dozen NumPy ufuncs: ~10 us less per small call."""
     for c in range(mu.size):
         mean_out[c] = mu[c]
-        invstd_out[c] = 1.0 / np.sqrt(m2[c] / n + eps)
+        invstd_out[c] = invstd(m2[c], n, eps)
     if running_mean.size:
         for c in range(mu.size):
             if keep.size == 0 or keep[c]:
-                new_mean = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mu[c]
-                new_var = ((1.0 - momentum) * np.float64(running_var[c])
-                           + momentum * (m2[c] / (n - 1)))
-                running_mean[c] = new_mean
-                running_var[c] = new_var
+                running_mean[c], running_var[c] = _running_update(
+                    np.float64(running_mean[c]), np.float64(running_var[c]), momentum, mu[c],
+                    m2[c], n)
 
 
 @njit(cache=True)
 def _all_finite(mean, m2):
     for c in range(mean.size):
-        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
+        if not _moments_finite(mean[c], m2[c]):
             return False
     return True
 
@@ -285,7 +290,7 @@ def _keep(mu, m2, policy):
         return np.empty(0, dtype=np.bool_)
     keep = np.empty(mu.size, dtype=np.bool_)
     for c in range(mu.size):
-        keep[c] = np.isfinite(mu[c]) and np.isfinite(m2[c])
+        keep[c] = _moments_finite(mu[c], m2[c])
     return keep
 
 
@@ -298,7 +303,7 @@ def _infer_coef(eps, weight, bias, running_mean, running_var, mean_out, invstd_o
     coef = np.empty((4, C))
     for c in range(C):
         mu = np.float64(running_mean[c])
-        inv = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
+        inv = invstd(np.float64(running_var[c]), 1.0, eps)
         coef[0, c] = mu
         coef[1, c], coef[2, c] = affine(c, inv, weight, bias)
         coef[3, c] = offsets(mu, coef[1, c], coef[2, c])
@@ -309,26 +314,26 @@ def _infer_coef(eps, weight, bias, running_mean, running_var, mean_out, invstd_o
 
 @njit(cache=True)
 def infer_serial_planar(x, eps, weight, bias, running_mean, running_var, out, mean_out,
-                        invstd_out):
+                        invstd_out, res, act):
     """A whole inference call for a small ``x[outer, C, inner]`` on the calling
     thread, in one Numba call instead of a dozen NumPy ones (as ``train_serial_*``)."""
     coef = _infer_coef(eps, weight, bias, running_mean, running_var, mean_out, invstd_out)
-    normalize_serial_planar(x, coef[0], coef[1], coef[2], out)
+    normalize_serial_planar(x, coef[0], coef[1], coef[2], out, res, act)
 
 
 @njit(cache=True)
 def infer_serial_interleaved(x, eps, weight, bias, running_mean, running_var, out, mean_out,
-                             invstd_out):
+                             invstd_out, res, act):
     """``infer_serial_planar`` for ``x[outer, C]``, row by row: tiling the
     coefficients for wide rows cost more than it saved at these sizes (a
     (32, 64) float32 call's kernel 2.2 -> 1.4 us; (512, 64) level)."""
     coef = _infer_coef(eps, weight, bias, running_mean, running_var, mean_out, invstd_out)
-    _normalize_rows(x, 0, x.shape[0], coef[0], coef[1], coef[2], coef[3], out)
+    _normalize_rows(x, 0, x.shape[0], coef[0], coef[1], coef[2], coef[3], out, res, act)
 
 
 @njit(cache=True)
 def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, out,
-                        mean_out, invstd_out, running_mean, running_var):
+                        mean_out, invstd_out, running_mean, running_var, res, act):
     """A whole training step of ``x[outer, C, inner]`` on the calling thread, in one
     call (a small batch's budget is microseconds): the float64 moments, ``out``,
     then ``finish_train``.  With ``policy == RAISE`` it returns False, having
@@ -343,20 +348,20 @@ def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, ou
     for c in range(C):
         s, b = scale_shift(c, n, eps, mu[c], m2[c], weight, bias)
         for o in range(outer):
-            _normalize_run(x[o, c], out[o, c], mu[c], s, b, False)
+            _normalize_run(x[o, c], run(res, o, c), out[o, c], mu[c], s, b, act, False)
     finish_train(mu, m2, n, eps, momentum, mean_out, invstd_out, running_mean, running_var,
                  _keep(mu, m2, policy))
     return True
 
 
 @njit(cache=True)
-def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias, policy, out,
-                             mean_out, invstd_out, running_mean, running_var):
+def train_serial_interleaved(x, wide, parts, block, unroll, eps, momentum, weight, bias, policy,
+                             out, mean_out, invstd_out, running_mean, running_var, res, act):
     """``train_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
     mu = np.empty(C)
     m2 = np.empty(C)
-    stats.channel_stats_interleaved_serial(x, wide, parts, block, mu, m2)
+    stats.channel_stats_interleaved_serial(x, wide, parts, block, unroll, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False
     coef = np.empty((3, wide * C))  # one table instead of five arrays
@@ -366,7 +371,7 @@ def train_serial_interleaved(x, wide, parts, block, eps, momentum, weight, bias,
             coef[0, j * C + c] = mu[c]
             coef[1, j * C + c] = s
             coef[2, j * C + c] = b
-    _normalize_table(x, wide, coef, out)
+    _normalize_table(x, wide, coef, out, res, act)
     finish_train(mu, m2, outer, eps, momentum, mean_out, invstd_out, running_mean,
                  running_var, _keep(mu, m2, policy))
     return True

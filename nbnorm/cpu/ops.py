@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from .. import config, guard
+from .. import channel, config, guard
 from . import backward as bwd
 from . import forward as fwd
 from . import stats
@@ -109,10 +109,12 @@ def batch_moments(x, serial=False):
                                    stats.planar_group(*x.shape, x.itemsize, parts), mean, m2)
     elif serial:
         wide, parts = stats.interleaved_split(*x.shape)
-        stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK, mean, m2)
+        stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK,
+                                               stats.unroll(x.itemsize), mean, m2)
     else:
         wide, parts = stats.interleaved_split(*x.shape)
-        stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, mean, m2,
+        stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, stats.unroll(x.itemsize),
+                                        mean, m2,
                                         _work(parts, 4, wide * C))
     return mean, m2
 
@@ -133,8 +135,14 @@ def _planar_rows(x, out):
             and x.flags.c_contiguous and out.flags.c_contiguous)
 
 
-def normalize(x, center, scale, shift, out):
-    """The parallel elementwise pass (small batches normalize inside their serial kernel).
+def _rows(a, shape):
+    return None if a is None else a.reshape(shape)
+
+
+def normalize(x, center, scale, shift, out, res=None, act=None):
+    """The parallel elementwise pass (small batches normalize inside their serial
+    kernel): ``out = act((x - center) * scale + shift + res)``, ``res`` and
+    ``act`` (None or True: the ReLU) optional.
 
     A planar batch of short runs is normalized as rows of ``C * inner`` values
     with each channel's coefficients serving ``inner`` columns: the same
@@ -142,26 +150,38 @@ def normalize(x, center, scale, shift, out):
     """
     if x.ndim == 3 and _planar_rows(x, out):
         outer, C, inner = x.shape
-        fwd.normalize_interleaved(x.reshape(outer, C * inner), center, scale, shift,
-                                  out.reshape(outer, C * inner), _stream(out), inner)
+        rows_of = (outer, C * inner)
+        fwd.normalize_interleaved(x.reshape(rows_of), center, scale, shift,
+                                  out.reshape(rows_of), _stream(out),
+                                  *fwd.task_split(outer, C * inner), _rows(res, rows_of), act,
+                                  inner)
     elif x.ndim == 3:
-        fwd.normalize_planar(x, center, scale, shift, out, _stream(out))
+        outer, C, inner = x.shape
+        fwd.normalize_planar(x, center, scale, shift, out, _stream(out),
+                             *fwd.task_split(outer * C, inner), res, act)
     else:
-        fwd.normalize_interleaved(x, center, scale, shift, out, _stream(out))
+        fwd.normalize_interleaved(x, center, scale, shift, out, _stream(out),
+                                  *fwd.task_split(*x.shape), res, act)
 
 
-def _grad_input_pass(dy, x, mean, a, b, k, dx):
-    """``dx = k * (dy - a - (x - mean) * b)``, the training-mode ``grad_input``
-    pass; a planar batch of short runs runs as rows, as in ``normalize``."""
+def _grad_input_pass(dy, fo, x, mean, a, b, k, dx, gres):
+    """``dx = k * (g - a - (x - mean) * b)``, the training-mode ``grad_input``
+    pass, ``g`` = ``dy`` through the ReLU mask of ``fo`` (None: no mask), also
+    written to ``gres`` unless it is None; a planar batch of short runs runs as
+    rows, as in ``normalize``."""
     if x.ndim == 3 and _planar_rows(x, dx):
         outer, C, inner = x.shape
         rows_of = (outer, C * inner)
-        bwd.grad_input_interleaved(dy.reshape(rows_of), x.reshape(rows_of), mean, a, b, k,
-                                   dx.reshape(rows_of), _stream(dx), inner)
+        bwd.grad_input_interleaved(dy.reshape(rows_of), _rows(fo, rows_of), x.reshape(rows_of),
+                                   mean, a, b, k, dx.reshape(rows_of), _rows(gres, rows_of),
+                                   _stream(dx), *fwd.task_split(outer, C * inner), inner)
     elif x.ndim == 3:
-        bwd.grad_input_planar(dy, x, mean, a, b, k, dx, _stream(dx))
+        outer, C, inner = x.shape
+        bwd.grad_input_planar(dy, fo, x, mean, a, b, k, dx, gres, _stream(dx),
+                              *fwd.task_split(outer * C, inner))
     else:
-        bwd.grad_input_interleaved(dy, x, mean, a, b, k, dx, _stream(dx))
+        bwd.grad_input_interleaved(dy, fo, x, mean, a, b, k, dx, gres, _stream(dx),
+                                   *fwd.task_split(*x.shape))
 
 
 def _scale_shift(inv, w, b, C):
@@ -169,19 +189,20 @@ def _scale_shift(inv, w, b, C):
     return (inv * w if w.size else inv), (b if b.size else np.zeros(C))
 
 
-def _train_parallel(x, n, w, b, eps, on_nonfinite, out):
+def _train_parallel(x, n, w, b, eps, on_nonfinite, out, res, act):
     """The parallel kernels of a training step (``n`` values a channel): ``out``,
     and the float64 ``(mean, M2)`` returned."""
     C = x.shape[1]
     if x.ndim == 3 and on_nonfinite != "raise" and _fused(x, x.itemsize):
         mu = np.empty(C)
         m2 = np.empty(C)
-        fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out))
+        fwd.train_planar(x, _parts(x), config.BLOCK, eps, w, b, out, mu, m2, _stream(out),
+                         res, act)
         return mu, m2
     mu, m2 = batch_moments(x)
     guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
-    scale, shift = _scale_shift(1.0 / np.sqrt(m2 / n + eps), w, b, C)
-    normalize(x, mu, scale, shift, out)
+    scale, shift = _scale_shift(channel.on_arrays.invstd(m2, n, eps), w, b, C)
+    normalize(x, mu, scale, shift, out, res, act)
     return mu, m2
 
 
@@ -190,7 +211,10 @@ _POLICY = {"propagate": fwd.PROPAGATE, "skip": fwd.SKIP, "raise": fwd.RAISE}
 
 
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
-                  out, mean, invstd, on_nonfinite="propagate"):
+                  out, mean, invstd, on_nonfinite="propagate", residual=None, relu=False):
+    """A training step on canonical views: ``out = act(bn(x) + residual)``
+    (``residual`` None or a view like ``x``; ``act`` the ReLU when ``relu``)."""
+    act = True if relu else None  # the kernels' epilogue flag: None or present
     C = x.shape[1]
     n = x.size // C
     serial = x.size <= config.SERIAL_MAX
@@ -210,18 +234,19 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         policy = _POLICY[on_nonfinite]
         if x.ndim == 3:
             ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, momentum, w, b,
-                                         policy, out, mean, invstd, rm, rv)
+                                         policy, out, mean, invstd, rm, rv, residual, act)
         else:
             wide, parts = stats.interleaved_split(*x.shape)
-            ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK, eps, momentum, w, b,
-                                              policy, out, mean, invstd, rm, rv)
+            ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK,
+                                              stats.unroll(x.itemsize), eps, momentum, w, b,
+                                              policy, out, mean, invstd, rm, rv, residual, act)
         if not ok:  # "raise": the same moments again, for the message; nothing written
             guard.running_update_mask(*batch_moments(x, serial=True), on_nonfinite)
         if numpy_running:  # rare: the moments again, bitwise the kernel's
             mu, m2 = batch_moments(x, serial=True)
     else:
         with launching():
-            mu, m2 = _train_parallel(x, n, w, b, eps, on_nonfinite, out)
+            mu, m2 = _train_parallel(x, n, w, b, eps, on_nonfinite, out, residual, act)
         # on_nonfinite="skip": channels whose statistics are not finite keep their
         # running statistics (the outputs are written either way).
         keep = guard.running_update_mask(mu, m2, on_nonfinite)
@@ -229,8 +254,9 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                          _ALL if keep is None else keep)
     if numpy_running:
         keep = guard.running_update_mask(mu, m2, on_nonfinite)
-        new_mean = (1.0 - momentum) * running_mean + momentum * mu
-        new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+        new_mean, new_var = channel.on_arrays.running_update(running_mean.astype(np.float64),
+                                                   running_var.astype(np.float64), momentum,
+                                                   mu, m2, n)
         if keep is not None:
             new_mean = np.where(keep, new_mean, running_mean)
             new_var = np.where(keep, new_var, running_var)
@@ -238,63 +264,90 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         running_var[...] = new_var
 
 
-def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
+def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd,
+                  residual=None, relu=False):
+    """Inference on canonical views, with the epilogue of ``forward_train``."""
+    act = True if relu else None
     C = x.shape[1]
     if x.size <= config.SERIAL_MAX:  # one kernel call: ~4 us less than the NumPy below
         w, b = _param_as_is(weight), _param_as_is(bias)
         rm, rv = _param_as_is(running_mean), _param_as_is(running_var)
         if x.ndim == 3:
-            fwd.infer_serial_planar(x, eps, w, b, rm, rv, out, mean, invstd)
+            fwd.infer_serial_planar(x, eps, w, b, rm, rv, out, mean, invstd, residual, act)
         else:
-            fwd.infer_serial_interleaved(x, eps, w, b, rm, rv, out, mean, invstd)
+            fwd.infer_serial_interleaved(x, eps, w, b, rm, rv, out, mean, invstd, residual, act)
         return
     # Contiguous: strided running stats must not compile another kernel signature.
     mu = np.ascontiguousarray(running_mean, dtype=np.float64)
-    inv = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    inv = channel.on_arrays.invstd(np.asarray(running_var, dtype=np.float64), 1.0, eps)
     scale, shift = _scale_shift(inv, _param(weight), _param(bias), C)
     with launching():
-        normalize(x, mu, scale, shift, out)
+        normalize(x, mu, scale, shift, out, residual, act)
     mean[...] = mu
     invstd[...] = inv
 
 
-def _backward_parallel(dy, x, mu, inv, w, training, grad_input, s, sx):
-    """The parallel kernels of ``backward``: ``grad_input``, and ``sum(dy)``,
-    ``sum(dy * (x - mu))`` per channel into ``s``, ``sx``."""
+def _backward_parallel(dy, fo, x, mu, inv, w, training, grad_input, gres, s, sx):
+    """The parallel kernels of ``backward``: ``grad_input`` (and ``gres``), and
+    ``sum(g)``, ``sum(g * (x - mu))`` per channel into ``s``, ``sx``."""
     C = x.shape[1]
     n = x.size // C
     planar = x.ndim == 3
-    if training and planar and _fused(x, x.itemsize * 2):
-        bwd.train_planar(dy, x, mu, inv, w, _parts(x), grad_input, s, sx, _stream(grad_input))
+    if training and planar and _fused(x, x.itemsize * (3 if fo is not None else 2)):
+        bwd.train_planar(dy, fo, x, mu, inv, w, _parts(x), grad_input, gres, s, sx,
+                         _stream(grad_input))
         return
     if planar:
         parts = _parts(x)
-        bwd.backward_reduce_planar(dy, x, mu, parts,
+        bwd.backward_reduce_planar(dy, fo, x, mu, parts,
                                    stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
     else:
         wide, parts = stats.interleaved_split(*x.shape)
-        bwd.backward_reduce_interleaved(dy, x, mu, wide, parts, s, sx,
+        bwd.backward_reduce_interleaved(dy, fo, x, mu, wide, parts, config.ROWS_UNROLL_MIN_C,
+                                        s, sx,
                                         _work(parts, 2, wide * C))
-    k = inv * w if w.size else inv
+    a, b, k = channel.on_arrays.grad_coeffs(n, s, sx, inv, w if w.size else 1.0)
     if training:
-        _grad_input_pass(dy, x, mu, s / n, sx * inv * inv / n, k, grad_input)
+        _grad_input_pass(dy, fo, x, mu, a, b, k, grad_input, gres)
     else:
         zeros = np.zeros(C)
         normalize(dy, zeros, k, zeros, grad_input)
 
 
-def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias):
+def _mask_first(dy, forward_out, grad_input, grad_residual):
+    """Inference-mode backward with an epilogue: the masked gradient ``g`` (the
+    gradient with respect to ``residual``) written first, into
+    ``grad_residual`` or else into ``grad_input`` itself, and returned; the
+    affine map's gradient is then ``g * k`` in place.  ``g`` is ``dy`` or 0, so
+    it is exact in every dtype."""
+    g = grad_residual if grad_residual is not None else grad_input
+    if forward_out is None:
+        np.copyto(g, dy)
+    else:
+        bwd.mask_relu(dy.reshape(-1), forward_out.reshape(-1), g.reshape(-1))
+    return g
+
+
+def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias,
+             forward_out=None, grad_residual=None):
+    """Backward on canonical views.  ``forward_out`` (the ReLU's output, or None)
+    masks ``dy``; ``grad_residual`` (or None) receives the masked gradient."""
     C = x.shape[1]
     planar = x.ndim == 3
+    if not training and (forward_out is not None or grad_residual is not None):
+        dy = _mask_first(dy, forward_out, grad_input, grad_residual)
+        forward_out = grad_residual = None
     if x.size <= config.SERIAL_MAX:  # one kernel call, gradients of weight and bias too
         args = (_param_as_is(mean), _param_as_is(invstd), _param_as_is(weight))
         if planar:
-            bwd.backward_serial_planar(dy, x, *args, _parts(x), bool(training), grad_input,
-                                       grad_weight, grad_bias)
+            bwd.backward_serial_planar(dy, forward_out, x, *args, _parts(x), bool(training),
+                                       grad_input, grad_residual, grad_weight, grad_bias)
         else:
             wide, parts = stats.interleaved_split(*x.shape)
-            bwd.backward_serial_interleaved(dy, x, *args, wide, parts, bool(training),
-                                            grad_input, grad_weight, grad_bias)
+            bwd.backward_serial_interleaved(dy, forward_out, x, *args, wide, parts,
+                                            config.ROWS_UNROLL_MIN_C,
+                                            bool(training), grad_input, grad_residual,
+                                            grad_weight, grad_bias)
         return
     mu = _param(mean)
     inv = _param(invstd)
@@ -302,6 +355,7 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     s = np.empty(C)
     sx = np.empty(C)
     with launching():
-        _backward_parallel(dy, x, mu, inv, w, training, grad_input, s, sx)
+        _backward_parallel(dy, forward_out, x, mu, inv, w, training, grad_input, grad_residual,
+                           s, sx)
     grad_weight[...] = sx * inv
     grad_bias[...] = s

@@ -28,7 +28,10 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
+from . import per_channel
+from .convert import load
 
+#: Read when nbnorm.cpu is imported: fast-math flags are part of the compiled code.
 _FM = set(config.FASTMATH)
 
 
@@ -95,29 +98,20 @@ def tile(a, wide):
     return t
 
 
-@njit(cache=True, inline="always")
-def chan_merge(na, ma, m2a, nb, mb, m2b):
-    """Merge two (count, mean, M2) triples (Chan et al.); ``na + nb > 0``."""
-    n = na + nb
-    d = mb - ma
-    f = nb / n
-    # (d * na) first: merging into an empty accumulator (na = 0) must add 0, not
-    # d*d*0, which is NaN once |d| > 1.3e154 (d*d overflows) although M2 may be finite.
-    return n, ma + d * f, m2a + m2b + (d * na) * (d * f)
+chan_merge = per_channel.math.chan_merge
+chan_step = per_channel.math.chan_step
 
 
 @njit(cache=True, inline="always")
 def chan_merge_all(cnt, nb, mean, m2, bmean, bq):
     """``chan_merge`` of ``(nb, bmean[i], bq[i])`` into ``(cnt, mean[i], m2[i])`` for
     every ``i``; returns the new count.  The counts are the same for every ``i``,
-    so the division is hoisted and the loop vectorizes: same expressions, same
-    bits as ``chan_merge`` value by value."""
+    so the division is hoisted (``chan_step``) and the loop vectorizes: same
+    expressions, same bits as ``chan_merge`` value by value."""
     n = cnt + nb
     f = nb / n
     for i in range(mean.size):
-        d = bmean[i] - mean[i]
-        mean[i] = mean[i] + d * f
-        m2[i] = m2[i] + bq[i] + (d * cnt) * (d * f)
+        mean[i], m2[i] = chan_step(cnt, mean[i], m2[i], f, bmean[i], bq[i])
     return n
 
 
@@ -125,7 +119,7 @@ def chan_merge_all(cnt, nb, mean, m2, bmean, bq):
 def _run_sum(r):
     s = 0.0
     for i in range(r.size):
-        s += np.float64(r[i])
+        s += load(r[i])
     return s
 
 
@@ -133,7 +127,7 @@ def _run_sum(r):
 def _run_sqdev(r, m):
     q = 0.0
     for i in range(r.size):
-        d = np.float64(r[i]) - m
+        d = load(r[i]) - m
         q += d * d
     return q
 
@@ -277,16 +271,17 @@ def channel_stats_planar(x, parts, block, group, mean_out, m2_out):
         m2_out[c] = m2
 
 
-#: Channels from which the interleaved row loops update their accumulators once
-#: per four rows (a property of the code, measured: see ``_rows_sum``).
-_UNROLL_MIN_C = 256
-#: ``_rows_sum``, which reads its block from memory, unrolls only for data of at
-#: least this itemsize (float64); float32 rows stream one at a time (measured).
-_SUM_UNROLL_MIN_ITEMSIZE = 8
+def unroll(itemsize):
+    """``(sum_c, sqdev_c)``: rows of at least this many values are summed (first
+    pass) and their squared deviations summed (second pass, and backward's
+    sums) four rows per accumulator update (``config.ROWS_UNROLL_MIN_C``,
+    ``config.ROWS_SUM_UNROLL_MIN_ITEMSIZE``); read at every call."""
+    c = config.ROWS_UNROLL_MIN_C
+    return (c if itemsize >= config.ROWS_SUM_UNROLL_MIN_ITEMSIZE else 1 << 62), c
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_sum(x, r0, r1, acc):
+def _rows_sum(x, r0, r1, acc, unroll_c):
     """``acc[c] = sum(x[r0:r1, c])``, four rows per update of ``acc`` for float64.
 
     Measured (C=1024, a block in L2, one core): 0.09 -> 0.054 ns/element
@@ -296,7 +291,7 @@ def _rows_sum(x, r0, r1, acc):
     (statistics pass, x copy time, same process, two runs each: NC 8192x1024
     0.90/0.88 -> 0.80/0.77, 16384x512 0.93 -> 0.82, NHWC-wide 4 of 5 runs
     better), while float64 does better unrolled (NHWC 5 of 5 runs, NC 1024
-    0.81/0.50 against 0.91/0.53).  Rows shorter than ``_UNROLL_MIN_C`` are summed
+    0.81/0.50 against 0.91/0.53).  Rows shorter than ``unroll_c`` are summed
     one at a time (NHWC, C=64, whole statistics pass: 0.76 -> 0.88 copy-times
     unrolled); since ``wide_rows`` only the leftover rows of a batch are that
     short.  (Measured and dropped: fusing the reduction and normalization of
@@ -305,50 +300,49 @@ def _rows_sum(x, r0, r1, acc):
     """
     acc[:] = 0.0
     r = r0
-    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C and x.itemsize >= _SUM_UNROLL_MIN_ITEMSIZE:
+    while r + 4 <= r1 and acc.size >= unroll_c:
         a0 = x[r]
         a1 = x[r + 1]
         a2 = x[r + 2]
         a3 = x[r + 3]
         for c in range(acc.size):
-            acc[c] += ((np.float64(a0[c]) + np.float64(a1[c]))
-                       + (np.float64(a2[c]) + np.float64(a3[c])))
+            acc[c] += (load(a0[c]) + load(a1[c])) + (load(a2[c]) + load(a3[c]))
         r += 4
     while r < r1:
         a0 = x[r]
         for c in range(acc.size):
-            acc[c] += np.float64(a0[c])
+            acc[c] += load(a0[c])
         r += 1
 
 
 @njit(cache=True, fastmath=_FM)
-def _rows_sqdev(x, r0, r1, m, acc):
+def _rows_sqdev(x, r0, r1, m, acc, unroll_c):
     """``acc[c] = sum((x[r0:r1, c] - m[c])**2)``, four rows per update of ``acc``."""
     acc[:] = 0.0
     r = r0
-    while r + 4 <= r1 and acc.size >= _UNROLL_MIN_C:
+    while r + 4 <= r1 and acc.size >= unroll_c:
         a0 = x[r]
         a1 = x[r + 1]
         a2 = x[r + 2]
         a3 = x[r + 3]
         for c in range(acc.size):
             mc = m[c]
-            d0 = np.float64(a0[c]) - mc
-            d1 = np.float64(a1[c]) - mc
-            d2 = np.float64(a2[c]) - mc
-            d3 = np.float64(a3[c]) - mc
+            d0 = load(a0[c]) - mc
+            d1 = load(a1[c]) - mc
+            d2 = load(a2[c]) - mc
+            d3 = load(a3[c]) - mc
             acc[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     while r < r1:
         a0 = x[r]
         for c in range(acc.size):
-            d = np.float64(a0[c]) - m[c]
+            d = load(a0[c]) - m[c]
             acc[c] += d * d
         r += 1
 
 
 @njit(cache=True)
-def interleaved_part_moments(x, r0, r1, brows, mean, m2, bmean, bq):
+def interleaved_part_moments(x, r0, r1, brows, unroll, mean, m2, bmean, bq):
     """Per-channel (mean, M2) of rows ``[r0, r1)`` of ``x[outer, C]`` into ``mean``,
     ``m2``; blocks of ``brows`` rows Chan-merged in order (``bmean``, ``bq``:
     scratch of length C)."""
@@ -360,10 +354,10 @@ def interleaved_part_moments(x, r0, r1, brows, mean, m2, bmean, bq):
     while r < r1:
         k = min(r1, r + brows)
         nb = float(k - r)
-        _rows_sum(x, r, k, bmean)
+        _rows_sum(x, r, k, bmean, unroll[0])
         for c in range(C):
             bmean[c] /= nb
-        _rows_sqdev(x, r, k, bmean, bq)
+        _rows_sqdev(x, r, k, bmean, bq, unroll[1])
         cnt = chan_merge_all(cnt, nb, mean, m2, bmean, bq)
         r = k
 
@@ -388,9 +382,8 @@ def merge_interleaved_parts(outer, parts, work, mean_out, m2_out):
             n = cnt + nb
             f = nb / n
             for c in range(mean_out.size):
-                d = work[p, 0, c] - mean_out[c]
-                mean_out[c] = mean_out[c] + d * f
-                m2_out[c] = m2_out[c] + work[p, 1, c] + (d * cnt) * (d * f)
+                mean_out[c], m2_out[c] = chan_step(cnt, mean_out[c], m2_out[c], f,
+                                                   work[p, 0, c], work[p, 1, c])
             cnt = n
 
 
@@ -407,14 +400,13 @@ def _fold_wide(wide, cnt, wmean, wm2, mean_out, m2_out):
         nn = n + cnt
         f = cnt / nn
         for c in range(C):
-            d = wmean[j * C + c] - mean_out[c]
-            mean_out[c] = mean_out[c] + d * f
-            m2_out[c] = m2_out[c] + wm2[j * C + c] + (d * n) * (d * f)
+            mean_out[c], m2_out[c] = chan_step(n, mean_out[c], m2_out[c], f, wmean[j * C + c],
+                                               wm2[j * C + c])
         n = nn
 
 
 @njit(cache=True)
-def _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out):
+def _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out):
     """The end of an interleaved reduction: merge the parts of the wide rows
     (``work[p, 0]``, ``work[p, 1]``), fold their column groups into channels,
     then merge the ``outer % wide`` narrow rows left over."""
@@ -431,17 +423,16 @@ def _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out):
     rest = outer - ow * wide
     if rest:
         r = np.empty((4, C))
-        interleaved_part_moments(x, ow * wide, outer, max(1, block // C), r[0], r[1], r[2], r[3])
+        interleaved_part_moments(x, ow * wide, outer, max(1, block // C), unroll, r[0], r[1],
+                                 r[2], r[3])
         n = float(ow * wide)
         f = rest / (n + rest)
         for c in range(C):
-            d = r[0, c] - mean_out[c]
-            mean_out[c] = mean_out[c] + d * f
-            m2_out[c] = m2_out[c] + r[1, c] + (d * n) * (d * f)
+            mean_out[c], m2_out[c] = chan_step(n, mean_out[c], m2_out[c], f, r[0, c], r[1, c])
 
 
 @njit(parallel=True, cache=True)
-def channel_stats_interleaved(x, wide, parts, block, mean_out, m2_out, work):
+def channel_stats_interleaved(x, wide, parts, block, unroll, mean_out, m2_out, work):
     """Mean and M2 of each channel (column) of ``x[outer, C]``, over wide rows of
     ``wide`` rows (``wide_rows``).
 
@@ -452,27 +443,27 @@ def channel_stats_interleaved(x, wide, parts, block, mean_out, m2_out, work):
     """
     xw = widen(x, wide)
     for p in prange(parts):
-        _interleaved_part(xw, p, parts, block, work[p])
-    _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
+        _interleaved_part(xw, p, parts, block, unroll, work[p])
+    _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out)
 
 
 @njit(cache=True)
-def channel_stats_interleaved_serial(x, wide, parts, block, mean_out, m2_out):
+def channel_stats_interleaved_serial(x, wide, parts, block, unroll, mean_out, m2_out):
     """``channel_stats_interleaved`` on the calling thread (small batches)."""
     xw = widen(x, wide)
     work = np.empty((parts, 4, xw.shape[1]))
     for p in range(parts):
-        _interleaved_part(xw, p, parts, block, work[p])
-    _finish_interleaved(x, wide, parts, block, work, mean_out, m2_out)
+        _interleaved_part(xw, p, parts, block, unroll, work[p])
+    _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out)
 
 
 @njit(cache=True)
-def _interleaved_part(xw, p, parts, block, work):
+def _interleaved_part(xw, p, parts, block, unroll, work):
     """Part ``p`` of ``parts`` of the wide rows ``xw``: its (mean, M2) into
     ``work[0]``, ``work[1]`` (``work[2:4]``: scratch)."""
     ow = xw.shape[0]
     step = -(-ow // parts)
     r0 = min(ow, p * step)
     r1 = min(ow, r0 + step)
-    interleaved_part_moments(xw, r0, r1, max(1, block // xw.shape[1]), work[0], work[1],
+    interleaved_part_moments(xw, r0, r1, max(1, block // xw.shape[1]), unroll, work[0], work[1],
                              work[2], work[3])

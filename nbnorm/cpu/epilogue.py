@@ -1,0 +1,136 @@
+"""The optional operands of the fused epilogues, resolved when a kernel compiles.
+
+A forward kernel computes ``out = act(bn(x) + residual)``; a backward kernel
+reads ``g = dy * (forward_out > 0)`` for ``dy`` and may write ``g`` to
+``grad_residual``.  Each optional operand (``residual``, ``relu``,
+``forward_out``, ``grad_residual``) is either ``None`` or present (an array;
+``relu`` is ``True``), and these ``overload``\\ s branch on its *type*, so a
+call without epilogue compiles to exactly the code it had before any
+existed, and every combination is its own specialization, compiled the first
+time it is called.  ``plain(...)`` is true, at compile time, when nothing
+but float32/float64 data and no epilogue is involved: only those calls use
+the streaming-store intrinsics (``streaming``), which know those two dtypes.
+"""
+
+from numba import types
+from numba.extending import overload
+
+from . import per_channel
+from .convert import load, store
+
+relu = per_channel.math.relu
+
+
+def _none(t):
+    return t is None or isinstance(t, types.NoneType)
+
+
+def finish(v, residual, i, act):
+    """``act(v + residual[i])``: ``residual`` and ``act`` may be None."""
+
+
+@overload(finish)
+def _finish(v, residual, i, act):
+    if _none(residual) and _none(act):
+        return lambda v, residual, i, act: v
+    if _none(residual):
+        return lambda v, residual, i, act: relu(v)
+    if _none(act):
+        return lambda v, residual, i, act: v + load(residual[i])
+    return lambda v, residual, i, act: relu(v + load(residual[i]))
+
+
+def grad(dy, forward_out, i):
+    """``dy[i]`` as float64, zeroed where ``forward_out[i] <= 0`` (or NaN) when
+    ``forward_out`` is given: the gradient through the fused ReLU."""
+
+
+@overload(grad)
+def _grad(dy, forward_out, i):
+    if _none(forward_out):
+        return lambda dy, forward_out, i: load(dy[i])
+    return lambda dy, forward_out, i: load(dy[i]) if load(forward_out[i]) > 0.0 else 0.0
+
+
+def put(a, i, v):
+    """``a[i] = v`` rounded to ``a``'s dtype, unless ``a`` is None."""
+
+
+@overload(put)
+def _put(a, i, v):
+    if _none(a):
+        return lambda a, i, v: None
+
+    def impl(a, i, v):
+        a[i] = store(v, a)
+    return impl
+
+
+def run(a, o, c):
+    """``a[o, c]``, or None for None."""
+
+
+@overload(run)
+def _run(a, o, c):
+    if _none(a):
+        return lambda a, o, c: None
+    return lambda a, o, c: a[o, c]
+
+
+def cut(a, o, c, i0, i1):
+    """``a[o, c, i0:i1]``, or None for None."""
+
+
+@overload(cut)
+def _cut(a, o, c, i0, i1):
+    if _none(a):
+        return lambda a, o, c, i0, i1: None
+    return lambda a, o, c, i0, i1: a[o, c, i0:i1]
+
+
+def row(a, r):
+    """``a[r]``, or None for None."""
+
+
+@overload(row)
+def _row(a, r):
+    if _none(a):
+        return lambda a, r: None
+    return lambda a, r: a[r]
+
+
+def flat(a):
+    """``a.reshape(-1)`` of a C-contiguous array, or None for None."""
+
+
+@overload(flat)
+def _flat(a):
+    if _none(a):
+        return lambda a: None
+    return lambda a: a.reshape(-1)
+
+
+def wide(a, w):
+    """``a``'s first ``outer // w * w`` rows as rows of ``w * C`` (``stats.widen``), or None."""
+
+
+@overload(wide)
+def _wide(a, w):
+    if _none(a):
+        return lambda a, w: None
+
+    def impl(a, w):
+        outer, C = a.shape
+        return a[:outer // w * w].reshape((outer // w, w * C))
+    return impl
+
+
+def plain(y, *optional):
+    """True when ``y`` is float32/float64 and every optional operand is None."""
+
+
+@overload(plain)
+def _plain(y, *optional):
+    value = (y.dtype in (types.float32, types.float64)
+             and all(_none(t) for t in optional))
+    return lambda y, *optional: value
