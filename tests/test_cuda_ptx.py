@@ -1,11 +1,16 @@
-"""Every CUDA kernel compiles to real PTX, for every dtype and memory pattern.
+"""Every CUDA kernel compiles to real PTX, for every storage dtype, memory
+pattern and fused epilogue.
 
 The simulator runs kernels as Python: it misses typing errors and has no warp
-shuffles, so the shuffle path it never runs is compiled here with NVVM
+shuffles or libdevice, so the paths it never runs are compiled here with NVVM
 (``cuda.compile_ptx(..., cc=(8, 0))``, no GPU needed) -- in a subprocess
 without ``NUMBA_ENABLE_CUDASIM``, since the test session may have the
-simulator on.  Both reduction paths (shuffle and shared memory) are compiled,
-and the test fails if a kernel exists that it has no signature for.
+simulator on.  Variants: float16 (native), bfloat16 (int16 bits), float32 and
+float64 data; planar and interleaved; both reduction paths (shuffle and
+shared memory); every combination of residual/relu (forward) and
+mask/grad_residual/training (backward); per-channel arrays of every float
+dtype (bfloat16 as int16), contiguous or strided.  The test fails if a kernel
+exists that it has no signature for.
 
 Skipped, with the reason, only where numba-cuda[cu13] (NVVM) is absent.
 """
@@ -23,82 +28,96 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(r'''
-    import json, sys
-    from numba import cuda, types
-    from nbnorm.cuda import backward, finalize, forward, stats
+import json, re, time
+from numba import cuda, types
+from nbnorm.cuda import backward, finalize, forward, stats
 
-    f64 = types.float64
-    i64 = types.int64
-    P3 = types.Array(f64, 3, "C")        # partials [k, C, parts]
-    M2 = types.Array(f64, 2, "C")        # coef / moments [k, C]
+import numba.cuda.dispatcher as _dispatcher
 
-    def sigs(name, dt):
-        sdt = dt                          # per-channel results: x's dtype (float32/64)
-        A3 = types.Array(dt, 3, "C")      # planar canonical view
-        A2 = types.Array(dt, 2, "C")      # interleaved canonical view
-        V = types.Array(sdt, 1, "C")      # per-channel arrays
-        VA = types.Array(sdt, 1, "A")     # ... strided (e.g. a slice of a parameter buffer)
-        table = {
-            "channel_stats_planar": [(A3, i64, i64, P3)],
-            "channel_stats_interleaved": [(A2, i64, i64, i64, P3)],
-            "normalize_planar": [(A3, M2, A3)],
-            "normalize_interleaved": [(A2, M2, A2)],
-            "backward_reduce_planar": [(A3, A3, V, i64, i64, P3)],
-            "backward_reduce_interleaved": [(A2, A2, V, i64, i64, i64, P3)],
-            "grad_input_planar": [(A3, A3, M2, A3)],
-            "grad_input_interleaved": [(A2, A2, M2, A2)],
-            "merge_stats": [(P3, M2)],
-            "finalize_train": [(P3, f64, f64, f64, V, V, V, V, i64, V, V, M2),
-                               (P3, f64, f64, f64, VA, VA, VA, VA, i64, V, V, M2)],
-            "finalize_infer": [(V, V, f64, V, V, i64, V, V, M2),
-                               (VA, VA, f64, VA, VA, i64, V, V, M2)],
-            "finalize_backward": [(P3, f64, V, V, V, i64, V, V, M2),
-                                  (P3, f64, VA, VA, VA, i64, V, V, M2)],
-        }
-        return table[name]
+class _ComputeCapability80:
+    compute_capability = (8, 0)
 
-    # Device functions (Chan's merge, the block reductions) are compiled for
-    # "the current device" when a kernel calling them is typed, which needs a
-    # GPU.  Without one, name the same compute capability as the kernels; the
-    # kernels and everything they call are still compiled by NVVM for real.
-    import numba.cuda.dispatcher as _dispatcher
+if not cuda.is_available():
+    _dispatcher.get_current_device = _ComputeCapability80
 
-    class _ComputeCapability80:
-        compute_capability = (8, 0)
+f64, i64 = types.float64, types.int64
+P3 = types.Array(f64, 3, "C")
+M2 = types.Array(f64, 2, "C")
+STORAGE = {"float16": types.float16, "bfloat16": types.int16,
+           "float32": types.float32, "float64": types.float64}
+STAT = {"float16": types.float32, "bfloat16": types.float32,
+        "float32": types.float32, "float64": types.float64}
+tpb, unroll = 256, 8
+t0 = time.time()
+entries = []
+for kind, st in STORAGE.items():
+    for planar, D in ((True, types.Array(st, 3, "C")), (False, types.Array(st, 2, "C"))):
+        pat = "planar" if planar else "interleaved"
+        V = types.Array(STAT[kind], 1, "C")
+        idx = (i64, i64) if planar else (i64, i64, i64)
+        for shuffle in (True, False):
+            k = stats.kernels(tpb, shuffle, unroll, kind)[f"channel_stats_{pat}"]
+            entries.append((f"channel_stats_{pat}", kind, shuffle, {}, k, (D,) + idx + (P3,)))
+            for mask in (False, True):
+                k = backward.kernels(tpb, shuffle, unroll, kind, "float", mask)[
+                    f"backward_reduce_{pat}"]
+                entries.append((f"backward_reduce_{pat}", kind, shuffle, {"mask": mask}, k,
+                                (D, D, D, V) + idx + (P3,)))
+        for residual in (False, True):
+            for relu in (False, True):
+                k = forward.kernels(tpb, True, unroll, kind, residual, relu)[f"normalize_{pat}"]
+                entries.append((f"normalize_{pat}", kind, True,
+                                {"residual": residual, "relu": relu}, k, (D, M2, D, D)))
+        for mask in (False, True):
+            for gres in (False, True):
+                for training in (False, True):
+                    k = backward.kernels(tpb, True, unroll, kind, "float", mask, gres,
+                                         training)[f"grad_input_{pat}"]
+                    entries.append((f"grad_input_{pat}", kind, True,
+                                    {"mask": mask, "grad_residual": gres, "training": training},
+                                    k, (D, D, D, M2, D, D)))
+# per-channel kernels: parameters of every float dtype, contiguous or strided,
+# and bfloat16 parameters as int16 bits
+entries.append(("merge_stats", "float64", None, {}, finalize.merge_stats, (P3, M2)))
+for pk, pt in (("float", types.float32), ("float", types.float64), ("float", types.float16),
+               ("bfloat16", types.int16)):
+    for layout in ("C", "A"):
+        W = types.Array(pt, 1, layout)
+        for out in (types.float32, types.float64):
+            V = types.Array(out, 1, "C")
+            meta = {"param": str(pt), "layout": layout}
+            ks = finalize.kernels(pk, pk, pk, pk, pk)
+            entries.append(("finalize_train", str(out), None, meta, ks["finalize_train"],
+                            (P3, f64, f64, f64, W, W, W, W, i64, V, V, M2)))
+            entries.append(("finalize_infer", str(out), None, meta, ks["finalize_infer"],
+                            (W, W, f64, W, W, i64, V, V, M2)))
+            entries.append(("finalize_backward", str(out), None, meta,
+                            ks["finalize_backward"], (P3, f64, W, W, W, i64, V, V, M2)))
 
-    if not cuda.is_available():
-        _dispatcher.get_current_device = _ComputeCapability80
-
-    tpb, unroll = 256, 8
-    report = {"compiled": [], "missing": [], "errors": [], "shuffles": {}}
-    sets = []
-    for shuffle in (True, False):
-        for mod in (stats, forward, backward):
-            sets.append((shuffle, mod.kernels(tpb, shuffle, unroll)))
-    sets.append((None, finalize.KERNELS))
-    for shuffle, kernels in sets:
-        for name, disp in kernels.items():
-            if shuffle is False and not ("reduce" in name or "stats" in name):
-                continue  # elementwise kernels have no reduction path to switch
-            for dt in (types.float32, types.float64):
-                try:
-                    table = sigs(name, dt)
-                except KeyError:
-                    report["missing"].append(name)
-                    break
-                for sig in table:
-                    try:
-                        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(8, 0))
-                    except Exception as e:  # report every failure, not the first
-                        report["errors"].append(f"{name}[{dt}, shuffle={shuffle}]: {e!r}")
-                        continue
-                    report["compiled"].append([name, str(dt), shuffle])
-                    if shuffle is not None:
-                        key = f"{name}/{shuffle}"
-                        report["shuffles"][key] = report["shuffles"].get(key, False) or (
-                            "shfl.sync" in ptx)
-    print(json.dumps(report))
+LOAD2 = re.compile(r"\bld\.global(?:\.nc)?\.[bu]16\b")
+STORE2 = re.compile(r"\bst\.global\.[bu]16\b")
+report = {"compiled": [], "errors": [], "seconds": 0.0}
+for name, kind, shuffle, meta, disp, sig in entries:
+    try:
+        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(8, 0))
+    except Exception as e:  # report every failure, not the first
+        report["errors"].append(f"{name}[{kind}, {meta}, shuffle={shuffle}]: {e!r}")
+        continue
+    report["compiled"].append({
+        "name": name, "kind": kind, "shuffle": shuffle, "meta": meta,
+        "shfl": "shfl.sync" in ptx, "rz": "cvt.rz.f32.f64" in ptx,
+        "f16_store": "cvt.rn.f16.f64" in ptx, "f16_load": "cvt.f64.f16" in ptx,
+        "loads2": len(LOAD2.findall(ptx)), "stores2": len(STORE2.findall(ptx))})
+report["seconds"] = time.time() - t0
+print(json.dumps(report))
 ''')
+
+ELEMENTWISE = {"normalize_planar", "normalize_interleaved",
+               "grad_input_planar", "grad_input_interleaved"}
+REDUCTIONS = {"channel_stats_planar", "channel_stats_interleaved",
+              "backward_reduce_planar", "backward_reduce_interleaved"}
+PER_CHANNEL = {"merge_stats", "finalize_train", "finalize_infer", "finalize_backward"}
+KINDS = ("float16", "bfloat16", "float32", "float64")
 
 
 def _nvvm_missing():
@@ -124,24 +143,69 @@ def report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _entries(report, name=None, kind=None, **meta):
+    return [e for e in report["compiled"]
+            if (name is None or e["name"] == name) and (kind is None or e["kind"] == kind)
+            and all(e["meta"].get(k) == v for k, v in meta.items())]
+
+
 def test_every_kernel_compiles_to_ptx(report):
     assert report["errors"] == []
-    assert report["missing"] == [], "kernels without a PTX signature in this test"
-    names = {n for n, _, _ in report["compiled"]}
-    assert names == {
-        "channel_stats_planar", "channel_stats_interleaved",
-        "normalize_planar", "normalize_interleaved",
-        "backward_reduce_planar", "backward_reduce_interleaved",
-        "grad_input_planar", "grad_input_interleaved",
-        "merge_stats", "finalize_train", "finalize_infer", "finalize_backward"}
-    for name in names:
-        for dt in ("float32", "float64"):
-            assert any(n == name and d == dt for n, d, _ in report["compiled"]), (name, dt)
+    names = {e["name"] for e in report["compiled"]}
+    assert names == ELEMENTWISE | REDUCTIONS | PER_CHANNEL
+    for name in ELEMENTWISE | REDUCTIONS:
+        for kind in KINDS:
+            assert _entries(report, name, kind), (name, kind)
+
+
+def test_kernel_modules_have_no_kernel_without_a_signature():
+    """The factories' kernel names are exactly those the script compiles."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent('''
+            from nbnorm.cuda import backward, finalize, forward, stats
+            names = set()
+            for mod in (stats, forward, backward):
+                names |= set(mod.kernels(32, False, 2, "float32"))
+            names |= set(finalize.kernels())
+            print(" ".join(sorted(names)))
+        ''')], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1",
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert set(proc.stdout.split()) == ELEMENTWISE | REDUCTIONS | PER_CHANNEL
 
 
 def test_reductions_use_warp_shuffles_on_the_gpu_path(report):
-    sh = report["shuffles"]
-    for name in ("channel_stats_planar", "channel_stats_interleaved",
-                 "backward_reduce_planar", "backward_reduce_interleaved"):
-        assert sh[f"{name}/True"], f"{name}: no shfl.sync in the shuffle path's PTX"
-        assert not sh[f"{name}/False"], f"{name}: shfl.sync in the shared-memory path"
+    for name in REDUCTIONS:
+        for kind in KINDS:
+            for e in _entries(report, name, kind):
+                assert e["shfl"] == e["shuffle"], (name, kind, e["meta"], e["shuffle"])
+
+
+def test_half_conversions_are_native_or_round_to_odd(report):
+    """float16 loads and stores are single cvt instructions (cvt.rn.f16.f64 rounds
+    float64 correctly); bfloat16 stores round through float32 toward zero plus a
+    sticky bit (cvt.rz.f32.f64), never through a second round-to-nearest."""
+    for e in _entries(report, kind="float16"):
+        if e["name"] in ELEMENTWISE | REDUCTIONS:
+            assert e["f16_load"], e
+        if e["name"] in ELEMENTWISE:
+            assert e["f16_store"] and not e["rz"], e
+    for e in _entries(report, kind="bfloat16"):
+        assert not e["f16_load"] and not e["f16_store"], e
+        assert e["rz"] == (e["name"] in ELEMENTWISE), e
+    for e in _entries(report, "finalize_train"):
+        if e["meta"]["param"] == "int16":  # bfloat16 running statistics are rounded too
+            assert e["rz"], e
+
+
+def test_absent_operands_are_never_read(report):
+    """Placeholders of absent epilogue operands compile away: float16 data are the
+    only 2-byte loads and stores of the elementwise kernels, counted."""
+    for e in _entries(report, kind="float16"):
+        m = e["meta"]
+        if e["name"].startswith("normalize"):
+            assert (e["loads2"], e["stores2"]) == (1 + m["residual"], 1), e
+        elif e["name"].startswith("grad_input"):
+            loads = 1 + m["mask"] + m["training"]  # dy, forward_out, x
+            assert (e["loads2"], e["stores2"]) == (loads, 1 + m["grad_residual"]), e

@@ -12,11 +12,11 @@ depends on the shape and the configuration only, never on timing.
 """
 
 import functools
-import math
 
 from numba import cuda
 
 from .. import config
+from . import per_channel
 
 FULL_MASK = 0xFFFFFFFF
 WARP = 32
@@ -71,25 +71,10 @@ def launch_params():
     return tpb, use_shuffle(), unroll
 
 
-@cuda.jit(device=True)
-def merge(na, ma, qa, nb, mb, qb):
-    """Chan's merge of two ``(count, mean, M2)`` triples; either may be empty.
-
-    ``(d * na) * (d * f)``, not ``d * d * na * f``: merging into an empty
-    accumulator must add an exact 0, not ``inf * 0`` once ``d * d`` overflows
-    (float64 data beyond ~1e154), as in ``nbnorm.cpu.stats.chan_merge``.
-    """
-    if nb == 0.0:
-        return na, ma, qa
-    n = na + nb
-    d = mb - ma
-    f = nb / n
-    return n, ma + d * f, qa + qb + (d * na) * (d * f)
-
-
-@cuda.jit(device=True)
-def finite(v):
-    return not (math.isinf(v) or math.isnan(v))
+#: Chan's merge of two ``(count, mean, M2)`` triples and the finiteness test:
+#: ``nbnorm.channel``'s, the CPU's expressions.
+merge = per_channel.math.chan_merge
+finite = per_channel.math.finite
 
 
 @functools.lru_cache(maxsize=None)

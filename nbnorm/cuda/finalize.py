@@ -2,13 +2,17 @@
 
 One thread per channel merges (statistics: Chan) or sums (backward) the
 channel's ``parts`` partials in index order -- deterministic -- and computes
-what ``nbnorm.cpu.ops`` computes on the host: ``invstd``, the folded
-``coef`` rows that the elementwise kernels read, the running-statistic update,
+what ``nbnorm.cpu.ops`` computes on the host, with the same expressions
+(``nbnorm.channel``, compiled in ``per_channel``): ``invstd``, the ``coef``
+rows that the elementwise kernels read, the running-statistic update,
 ``grad_weight``/``grad_bias``.  So the per-channel math never leaves the
 device and no host sync is needed.
 
 ``flags`` is a bit set (``HAS_WEIGHT`` ...); arrays that are absent are passed
-as a placeholder (any float array) and not read.
+as a placeholder (any float array) and not read.  Per-channel arrays may have
+any float dtype, bfloat16 as int16 bits: the kernels come from factories keyed
+by the ``convert.param_kind`` of each per-channel input (``train_kernel`` ...),
+compiled for the combinations actually called.
 
 ``on_nonfinite``: ``SKIP_NONFINITE`` makes ``finalize_train`` leave the running
 statistics of a channel alone when its batch mean or M2 is not finite -- the
@@ -17,17 +21,27 @@ the answer on the host before anything is written: ``merge_stats`` writes the
 float64 (mean, M2) for ``ops`` to copy back and hand to ``nbnorm.guard``.
 """
 
-import math
+import functools
 
 from numba import cuda
 
-from ._device import finite, merge
+from . import convert
+from ._device import merge
+from .backward import A, B, K, MEAN, Q, R
+from .forward import CENTER, OFFSET, SCALE, SHIFT
+from .per_channel import math as channel_math
 
 HAS_WEIGHT = 1
 HAS_BIAS = 2
 HAS_RUNNING = 4
 SKIP_NONFINITE = 8
-TRAINING = 16
+
+_invstd = channel_math.invstd
+_running_update = channel_math.running_update
+_moments_finite = channel_math.moments_finite
+_grad_coeffs = channel_math.grad_coeffs
+_affine_coeffs = channel_math.affine_coeffs
+_offset = channel_math.offset
 
 
 @cuda.jit(device=True)
@@ -40,21 +54,31 @@ def _merged(partials, c):
     return m, q
 
 
-@cuda.jit(device=True)
-def _write_normalize(c, m, inv, weight, bias, flags, mean_out, invstd_out, coef):
-    """``mean_out``, ``invstd_out`` and ``coef`` = (center, scale, shift) of channel
-    ``c`` with mean ``m`` and ``invstd`` ``inv``: what ``normalize`` reads."""
-    w = 1.0
-    if flags & HAS_WEIGHT:
-        w = float(weight[c])
-    b = 0.0
-    if flags & HAS_BIAS:
-        b = float(bias[c])
-    coef[0, c] = m
-    coef[1, c] = inv * w
-    coef[2, c] = b
-    mean_out[c] = m
-    invstd_out[c] = inv
+@functools.lru_cache(maxsize=None)
+def _normalizer(weight_kind, bias_kind):
+    load_w, _ = convert.codec(weight_kind)
+    load_b, _ = convert.codec(bias_kind)
+
+    @cuda.jit(device=True)
+    def write_normalize(c, m, inv, weight, bias, flags, mean_out, invstd_out, coef):
+        """``mean_out``, ``invstd_out`` and ``coef`` (center, scale, shift, offset)
+        of channel ``c`` with mean ``m`` and ``invstd`` ``inv``: what ``normalize``
+        reads."""
+        w = 1.0
+        if flags & HAS_WEIGHT:
+            w = load_w(weight[c])
+        b = 0.0
+        if flags & HAS_BIAS:
+            b = load_b(bias[c])
+        s = inv * w
+        coef[CENTER, c] = m
+        coef[SCALE, c] = s
+        coef[SHIFT, c] = b
+        coef[OFFSET, c] = _offset(m, s, b)
+        mean_out[c] = m
+        invstd_out[c] = inv
+
+    return write_normalize
 
 
 @cuda.jit
@@ -67,70 +91,102 @@ def merge_stats(partials, moments):
         moments[1, c] = q
 
 
-@cuda.jit
-def finalize_train(partials, n, eps, momentum, weight, bias, running_mean, running_var,
-                   flags, mean_out, invstd_out, coef):
-    """Batch statistics -> ``mean_out``, ``invstd_out``, running stats, and
-    ``coef`` = (center, scale, shift) for ``normalize``."""
-    c = cuda.grid(1)
-    if c >= mean_out.shape[0]:
-        return
-    m, q = _merged(partials, c)
-    inv = 1.0 / math.sqrt(q / n + eps)
-    _write_normalize(c, m, inv, weight, bias, flags, mean_out, invstd_out, coef)
-    if flags & HAS_RUNNING:
-        if (flags & SKIP_NONFINITE) and not (finite(m) and finite(q)):
+@functools.lru_cache(maxsize=None)
+def train_kernel(weight_kind="float", bias_kind="float", running_mean_kind="float",
+                 running_var_kind="float"):
+    """``finalize_train`` for per-channel arrays of these kinds."""
+    write_normalize = _normalizer(weight_kind, bias_kind)
+    load_rm, store_rm = convert.codec(running_mean_kind)
+    load_rv, store_rv = convert.codec(running_var_kind)
+
+    @cuda.jit
+    def finalize_train(partials, n, eps, momentum, weight, bias, running_mean, running_var,
+                       flags, mean_out, invstd_out, coef):
+        """Batch statistics -> ``mean_out``, ``invstd_out``, running stats, and
+        ``coef`` for ``normalize``."""
+        c = cuda.grid(1)
+        if c >= mean_out.shape[0]:
             return
-        rm = float(running_mean[c])
-        rv = float(running_var[c])
-        running_mean[c] = (1.0 - momentum) * rm + momentum * m
-        running_var[c] = (1.0 - momentum) * rv + momentum * (q / (n - 1))
+        m, q = _merged(partials, c)
+        write_normalize(c, m, _invstd(q, n, eps), weight, bias, flags, mean_out,
+                        invstd_out, coef)
+        if flags & HAS_RUNNING:
+            if (flags & SKIP_NONFINITE) and not _moments_finite(m, q):
+                return
+            rm, rv = _running_update(load_rm(running_mean[c]), load_rv(running_var[c]),
+                                     momentum, m, q, n)
+            running_mean[c] = store_rm(rm)
+            running_var[c] = store_rv(rv)
+
+    return finalize_train
 
 
-@cuda.jit
-def finalize_infer(running_mean, running_var, eps, weight, bias, flags,
-                   mean_out, invstd_out, coef):
-    """Running statistics -> ``mean_out``, ``invstd_out`` and ``coef``."""
-    c = cuda.grid(1)
-    if c >= mean_out.shape[0]:
-        return
-    inv = 1.0 / math.sqrt(float(running_var[c]) + eps)
-    _write_normalize(c, float(running_mean[c]), inv, weight, bias, flags, mean_out,
-                     invstd_out, coef)
+@functools.lru_cache(maxsize=None)
+def infer_kernel(running_mean_kind="float", running_var_kind="float", weight_kind="float",
+                 bias_kind="float"):
+    """``finalize_infer`` for per-channel arrays of these kinds."""
+    write_normalize = _normalizer(weight_kind, bias_kind)
+    load_rm, _ = convert.codec(running_mean_kind)
+    load_rv, _ = convert.codec(running_var_kind)
+
+    @cuda.jit
+    def finalize_infer(running_mean, running_var, eps, weight, bias, flags,
+                       mean_out, invstd_out, coef):
+        """Running statistics -> ``mean_out``, ``invstd_out`` and ``coef``."""
+        c = cuda.grid(1)
+        if c >= mean_out.shape[0]:
+            return
+        inv = _invstd(load_rv(running_var[c]), 1.0, eps)
+        write_normalize(c, load_rm(running_mean[c]), inv, weight, bias, flags, mean_out,
+                        invstd_out, coef)
+
+    return finalize_infer
 
 
-@cuda.jit
-def finalize_backward(partials, n, mean, invstd, weight, flags,
-                      grad_weight, grad_bias, coef):
-    """Sums of ``dy`` and ``dy * (x - mean)`` -> ``grad_weight``, ``grad_bias`` and
-    ``coef``: (mean, a, b, k) for ``grad_input`` when training, else
-    (0, k, 0) for ``normalize`` (``dx = dy * k``), ``k = invstd * weight``."""
-    c = cuda.grid(1)
-    if c >= grad_bias.shape[0]:
-        return
-    s = 0.0
-    sx = 0.0
-    for p in range(partials.shape[2]):
-        s += partials[0, c, p]
-        sx += partials[1, c, p]
-    mu = float(mean[c])
-    inv = float(invstd[c])
-    w = 1.0
-    if flags & HAS_WEIGHT:
-        w = float(weight[c])
-    k = inv * w
-    if flags & TRAINING:
-        coef[0, c] = mu
-        coef[1, c] = s / n
-        coef[2, c] = sx * inv * inv / n
-        coef[3, c] = k
-    else:
-        coef[0, c] = 0.0
-        coef[1, c] = k
-        coef[2, c] = 0.0
-    grad_weight[c] = sx * inv
-    grad_bias[c] = s
+@functools.lru_cache(maxsize=None)
+def backward_kernel(mean_kind="float", invstd_kind="float", weight_kind="float"):
+    """``finalize_backward`` for per-channel arrays of these kinds."""
+    load_m, _ = convert.codec(mean_kind)
+    load_i, _ = convert.codec(invstd_kind)
+    load_w, _ = convert.codec(weight_kind)
+
+    @cuda.jit
+    def finalize_backward(partials, n, mean, invstd, weight, flags,
+                          grad_weight, grad_bias, coef):
+        """Sums of ``g`` and ``g * (x - mean)`` -> ``grad_weight``, ``grad_bias`` and
+        ``coef`` rows (mean, a, b, k, q, r) for ``grad_input``."""
+        c = cuda.grid(1)
+        if c >= grad_bias.shape[0]:
+            return
+        s = 0.0
+        sx = 0.0
+        for p in range(partials.shape[2]):
+            s += partials[0, c, p]
+            sx += partials[1, c, p]
+        mu = load_m(mean[c])
+        inv = load_i(invstd[c])
+        w = 1.0
+        if flags & HAS_WEIGHT:
+            w = load_w(weight[c])
+        a, b, k = _grad_coeffs(n, s, sx, inv, w)
+        q, r = _affine_coeffs(mu, a, b, k)
+        coef[MEAN, c] = mu
+        coef[A, c] = a
+        coef[B, c] = b
+        coef[K, c] = k
+        coef[Q, c] = q
+        coef[R, c] = r
+        grad_weight[c] = sx * inv
+        grad_bias[c] = s
+
+    return finalize_backward
 
 
-KERNELS = {"merge_stats": merge_stats, "finalize_train": finalize_train,
-           "finalize_infer": finalize_infer, "finalize_backward": finalize_backward}
+def kernels(weight_kind="float", bias_kind="float", running_kind="float", mean_kind="float",
+            invstd_kind="float"):
+    """name -> dispatcher of every per-channel kernel for these kinds (both
+    running statistics of ``running_kind``)."""
+    return {"merge_stats": merge_stats,
+            "finalize_train": train_kernel(weight_kind, bias_kind, running_kind, running_kind),
+            "finalize_infer": infer_kernel(running_kind, running_kind, weight_kind, bias_kind),
+            "finalize_backward": backward_kernel(mean_kind, invstd_kind, weight_kind)}

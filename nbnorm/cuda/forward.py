@@ -1,12 +1,19 @@
-"""The normalizing pass on the GPU: ``out = (x - coef[0, c]) * coef[1, c] + coef[2, c]``.
+"""The normalizing pass on the GPU, with the fused epilogue:
+``out = act((x - center) * scale + shift + residual)``.
 
-``coef`` is float64 (center, scale = invstd * weight, shift = bias), written on
-the device by ``finalize``; the arithmetic is float64 as on the CPU, so the
-subtraction of a large mean keeps its precision for float32 data.  Grid-stride
-loops over the elements in memory order: consecutive threads touch consecutive
-addresses whatever the pattern.  Elementwise (each element read before it is
-written by the same thread), so ``out`` may be ``x``; backward in inference mode
-reuses it with ``coef = (0, invstd * weight, 0)``.
+``coef`` is float64 (center, scale = invstd * weight, shift = bias, offset =
+shift - center * scale), written on the device by ``finalize``; the arithmetic
+is float64 as on the CPU, in the CPU's two forms: float64 data keep the
+centred form, which loses nothing to a large mean, and data of 4 bytes or
+fewer take ``x * scale + offset`` (``convert.compact``), whose cancellation,
+~1e-16 * |mean| / std relative, is far below their rounding.  ``residual`` is
+added and ``act`` (``channel.relu``) applied before the one rounding to the
+storage dtype (``convert.codec``).
+
+Grid-stride loops over the elements in memory order: consecutive threads
+touch consecutive addresses whatever the pattern.  Elementwise (each element
+read before it is written by the same thread), so ``out`` may be ``x`` or
+``residual``.
 """
 
 import functools
@@ -14,32 +21,54 @@ import functools
 from numba import cuda
 
 from .. import config
+from . import convert
 from ._device import INLINE
+from .per_channel import math as channel_math
+
+CENTER, SCALE, SHIFT, OFFSET = range(4)
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(tpb, shuffle, unroll):
-    """name -> dispatcher (one set per configuration, like ``stats.kernels``)."""
+def kernels(tpb, shuffle, unroll, kind, residual=False, relu=False):
+    """name -> dispatcher for one configuration, storage ``kind`` of the data
+    and epilogue: ``residual`` (a residual array is added) and ``relu``.
+    Without them the argument ``res`` is a placeholder that is never read."""
+    load, store = convert.codec(kind)
+    compact = convert.compact(kind)
+    act = channel_math.relu
+
+    @cuda.jit(device=True, **INLINE)
+    def value(xv, rv, coef, c):
+        """The output value of input ``xv`` (and residual ``rv``) in channel ``c``."""
+        if compact:
+            v = load(xv) * coef[SCALE, c] + coef[OFFSET, c]
+        else:
+            v = (load(xv) - coef[CENTER, c]) * coef[SCALE, c] + coef[SHIFT, c]
+        if residual:
+            v += load(rv)
+        if relu:
+            v = act(v)
+        return store(v)
 
     @cuda.jit
-    def normalize_planar(x, coef, out):
+    def normalize_planar(x, coef, res, out):
         outer, C, inner = x.shape
         total = outer * C * inner
         o, c, i, do, dc, di = grid_stride_planar(C, inner)
         k = cuda.grid(1)
         while k < total:
-            out[o, c, i] = (float(x[o, c, i]) - coef[0, c]) * coef[1, c] + coef[2, c]
+            out[o, c, i] = value(x[o, c, i], res[o, c, i] if residual else x[o, c, i], coef, c)
             k += cuda.gridsize(1)
             o, c, i = step_planar(o, c, i, do, dc, di, C, inner)
 
     @cuda.jit
-    def normalize_interleaved(x, coef, out):
+    def normalize_interleaved(x, coef, res, out):
         outer, C = x.shape
         total = outer * C
         o, c, do, dc = grid_stride_interleaved(C)
         k = cuda.grid(1)
         while k < total:
-            out[o, c] = (float(x[o, c]) - coef[0, c]) * coef[1, c] + coef[2, c]
+            out[o, c] = value(x[o, c], res[o, c] if residual else x[o, c], coef, c)
             k += cuda.gridsize(1)
             o, c = step_interleaved(o, c, do, dc, C)
 
@@ -96,13 +125,17 @@ def elementwise_grid(total, tpb):
     return max(1, min(-(-total // tpb), config.CUDA_ELEMENTWISE_BLOCKS))
 
 
-def normalize_planar(x, coef, out, stream, params):
-    tpb = params[0]
-    k = kernels(*params)["normalize_planar"]
-    k[elementwise_grid(x.size, tpb), tpb, stream](x, coef, out)
+def _launch(name, x, coef, residual, relu, out, stream, params):
+    k = kernels(*params, convert.kind(x.dtype), residual is not None, bool(relu))[name]
+    k[elementwise_grid(x.size, params[0]), params[0], stream](
+        x, coef, x if residual is None else residual, out)
 
 
-def normalize_interleaved(x, coef, out, stream, params):
-    tpb = params[0]
-    k = kernels(*params)["normalize_interleaved"]
-    k[elementwise_grid(x.size, tpb), tpb, stream](x, coef, out)
+def normalize_planar(x, coef, out, stream, params, residual=None, relu=False):
+    """Launch: ``out = act(bn(x) + residual)`` of ``(outer, C, inner)`` views."""
+    _launch("normalize_planar", x, coef, residual, relu, out, stream, params)
+
+
+def normalize_interleaved(x, coef, out, stream, params, residual=None, relu=False):
+    """Launch: as ``normalize_planar`` for ``(outer, C)`` views."""
+    _launch("normalize_interleaved", x, coef, residual, relu, out, stream, params)

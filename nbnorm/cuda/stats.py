@@ -4,7 +4,8 @@ First pass (these kernels): every thread reduces its share of one channel in
 register blocks of ``unroll`` values -- sum, then squared deviations from the
 block mean, the block's exact ``(count, mean, M2)`` Chan-merged into the
 thread's triple (one division per ``unroll`` values, never ``E[x^2] - E[x]^2``)
--- accumulating in float64 for either dtype.  Threads then merge by warp
+-- accumulating in float64 for every dtype (``convert.codec``: half data are
+read exactly as float64).  Threads then merge by warp
 shuffles and a shared-memory tree (``_device.reducers``), and one thread per
 (channel, block) writes the block's triple to ``partials[3, C, parts]``.
 
@@ -24,6 +25,7 @@ import functools
 from numba import cuda, float64
 
 from .. import config
+from . import convert
 from ._device import INLINE, column_width, merge, reducers, run_position, run_step
 
 
@@ -53,9 +55,11 @@ def interleaved_parts(outer, C, tpb):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(tpb, shuffle, unroll):
-    """The statistics kernels for one configuration: name -> CUDA dispatcher."""
+def kernels(tpb, shuffle, unroll, kind):
+    """The statistics kernels for one configuration and storage ``kind`` of ``x``
+    (``convert.KINDS``): name -> CUDA dispatcher."""
     block_merge, _ = reducers(tpb, shuffle)
+    load, _ = convert.codec(kind)
 
     @cuda.jit(device=True, **INLINE)
     def block_moments(buf):
@@ -89,13 +93,13 @@ def kernels(tpb, shuffle, unroll):
         while j < j1:
             if j + (unroll - 1) * tpb < j1:  # a full register block
                 for u in range(unroll):
-                    buf[u] = x[o, c, i]
+                    buf[u] = load(x[o, c, i])
                     j += tpb
                     o, i = run_step(o, i, do, di, inner)
                 bm, bq = block_moments(buf)
                 n, m, q = merge(n, m, q, float(unroll), bm, bq)
             else:  # the last few values: Welford's update, a merge of one
-                n, m, q = merge(n, m, q, 1.0, float(x[o, c, i]), 0.0)
+                n, m, q = merge(n, m, q, 1.0, load(x[o, c, i]), 0.0)
                 j += tpb
                 o, i = run_step(o, i, do, di, inner)
         sn = cuda.shared.array(tpb, float64)
@@ -128,12 +132,12 @@ def kernels(tpb, shuffle, unroll):
         while r < r1:
             if r + (unroll - 1) * by < r1:
                 for u in range(unroll):
-                    buf[u] = x[r, c]
+                    buf[u] = load(x[r, c])
                     r += by
                 bm, bq = block_moments(buf)
                 n, m, q = merge(n, m, q, float(unroll), bm, bq)
             else:
-                n, m, q = merge(n, m, q, 1.0, float(x[r, c]), 0.0)
+                n, m, q = merge(n, m, q, 1.0, load(x[r, c]), 0.0)
                 r += by
         sn = cuda.shared.array(tpb, float64)
         sm = cuda.shared.array(tpb, float64)
@@ -150,13 +154,11 @@ def kernels(tpb, shuffle, unroll):
 
 def channel_stats_planar(x, partials, parts, step, stream, params):
     """Launch: ``partials[:, c, p]`` = (count, mean, M2) of part ``p`` of channel ``c``."""
-    tpb, shuffle, unroll = params
-    k = kernels(tpb, shuffle, unroll)["channel_stats_planar"]
-    k[x.shape[1] * parts, tpb, stream](x, parts, step, partials)
+    k = kernels(*params, convert.kind(x.dtype))["channel_stats_planar"]
+    k[x.shape[1] * parts, params[0], stream](x, parts, step, partials)
 
 
 def channel_stats_interleaved(x, partials, bx, parts, step, stream, params):
     """Launch: as ``channel_stats_planar`` for an ``(outer, C)`` view."""
-    tpb, shuffle, unroll = params
-    k = kernels(tpb, shuffle, unroll)["channel_stats_interleaved"]
-    k[-(-x.shape[1] // bx) * parts, tpb, stream](x, bx, parts, step, partials)
+    k = kernels(*params, convert.kind(x.dtype))["channel_stats_interleaved"]
+    k[-(-x.shape[1] // bx) * parts, params[0], stream](x, bx, parts, step, partials)
