@@ -10,7 +10,7 @@ import numpy as np
 
 import nbnorm
 
-from .common import DTYPES, LAYOUTS, MAPS, SIZES, batch, map_batch
+from .common import DTYPES, FULL_DTYPES, LAYOUTS, MAPS, SIZES, batch, map_batch
 
 
 class BatchNorm:
@@ -74,12 +74,53 @@ class SmallMaps(BatchNorm):
     """NCHW batches of 7x7, 4x4 and 14x14 maps (runs of 49, 16 and 196 values),
     with ``BatchNorm``'s timings: ``map`` takes the place of ``layout``."""
 
-    params = (list(MAPS), DTYPES, SIZES)
+    params = (list(MAPS), FULL_DTYPES, SIZES)
     param_names = ["map", "dtype", "size"]
 
     def setup(self, map, dtype, size):
         self.b = map_batch(map, dtype, size)
         self.warm_up()
+
+
+class Epilogue:
+    """The fused epilogues, with ``BatchNorm``'s parameters and batches: read
+    ``Epilogue.time_forward_train_relu / BatchNorm.time_forward_train`` as the
+    ReLU's cost (target: at most 1.05); ``time_forward_train_add_relu`` adds one
+    read of ``residual`` (about 0.33-0.5 copy-times), ``time_backward_train_relu``
+    one read of ``forward_out``."""
+
+    params = BatchNorm.params
+    param_names = BatchNorm.param_names
+    timeout = BatchNorm.timeout
+
+    def setup(self, layout, dtype, size):
+        self.b = batch(layout, dtype, size)
+        for m in ("time_forward_train_relu", "time_forward_infer_relu",
+                  "time_forward_train_add_relu", "time_backward_train_relu"):
+            getattr(self, m)(None, None, None)
+
+    def time_forward_train_relu(self, layout, dtype, size):
+        b = self.b
+        nbnorm.forward(b.x, b.weight, b.bias, b.running_mean, b.running_var, axis=b.axis,
+                       out=b.out, mean=b.mean, invstd=b.invstd, activation="relu")
+
+    def time_forward_infer_relu(self, layout, dtype, size):
+        b = self.b
+        nbnorm.forward(b.x, b.weight, b.bias, b.running_mean, b.running_var, training=False,
+                       axis=b.axis, out=b.out, mean=b.mean, invstd=b.invstd, activation="relu")
+
+    def time_forward_train_add_relu(self, layout, dtype, size):
+        b = self.b
+        nbnorm.forward(b.x, b.weight, b.bias, b.running_mean, b.running_var, axis=b.axis,
+                       out=b.out, mean=b.mean, invstd=b.invstd, activation="relu",
+                       residual=b.residual)
+
+    def time_backward_train_relu(self, layout, dtype, size):
+        b = self.b
+        nbnorm.backward(b.dy, b.x, b.mean, b.invstd, b.weight, axis=b.axis,
+                        grad_input=b.grad_input, grad_weight=b.grad_weight,
+                        grad_bias=b.grad_bias, activation="relu", forward_out=b.forward_out,
+                        grad_residual=b.grad_residual)
 
 
 class SmallCall:

@@ -7,6 +7,7 @@ small shapes (the smoke test in ``tests/test_benchmarks.py`` uses it).
 """
 
 import functools
+import importlib.util
 import os
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
@@ -32,7 +33,10 @@ SHAPES = {
 MAPS = {"7x7": (256, 512, 7, 7), "4x4": (1024, 64, 4, 4), "14x14": (64, 256, 14, 14)}
 
 LAYOUTS = ["NCHW", "NHWC", "NC"]
-DTYPES = ["float32", "float64"]
+#: Half dtypes' ratios are to the copy of the 2-byte array; bfloat16 needs ml_dtypes.
+HALF_DTYPES = ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") else [])
+DTYPES = ["float32", "float64"] + HALF_DTYPES
+FULL_DTYPES = ["float32", "float64"]
 SIZES = [s for s in ("small", "large")
          if s in os.environ.get("NBNORM_ASV_SIZES", "small,large").split(",")]
 
@@ -41,22 +45,35 @@ class Batch:
     """A batch with its parameters and every output preallocated."""
 
     def __init__(self, shape, axis, dtype):
-        dtype = np.dtype(dtype)
+        dtype = as_dtype(dtype)
+        pdt = np.dtype(np.float32) if dtype.itemsize == 2 else dtype  # parameters, statistics
         rng = np.random.default_rng(SEED)
         C = shape[axis]
         self.axis = axis
         self.x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 3.0).astype(dtype)
         self.dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        self.weight = rng.uniform(0.5, 1.5, C).astype(dtype)
-        self.bias = rng.uniform(-1.0, 1.0, C).astype(dtype)
-        self.running_mean = rng.uniform(2.0, 4.0, C).astype(dtype)
-        self.running_var = rng.uniform(3.0, 5.0, C).astype(dtype)
+        self.residual = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        self.weight = rng.uniform(0.5, 1.5, C).astype(pdt)
+        self.bias = rng.uniform(-1.0, 1.0, C).astype(pdt)
+        self.running_mean = rng.uniform(2.0, 4.0, C).astype(pdt)
+        self.running_var = rng.uniform(3.0, 5.0, C).astype(pdt)
         self.out = np.zeros_like(self.x)          # touched: no page faults in the timings
         self.grad_input = np.zeros_like(self.x)
-        self.mean = np.empty(C, dtype)
-        self.invstd = np.empty(C, dtype)
-        self.grad_weight = np.empty(C, dtype)
-        self.grad_bias = np.empty(C, dtype)
+        self.mean = np.empty(C, pdt)
+        self.invstd = np.empty(C, pdt)
+        self.grad_weight = np.empty(C, pdt)
+        self.grad_bias = np.empty(C, pdt)
+        # the ReLU's forward output (its mask) and the residual's gradient
+        self.forward_out = np.maximum(self.x.astype(np.float32) - 3.0, 0).astype(dtype)
+        self.grad_residual = np.zeros_like(self.x)
+
+
+def as_dtype(name):
+    """A dtype by name (``bfloat16``: ml_dtypes')."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 @functools.lru_cache(maxsize=2)

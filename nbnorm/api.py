@@ -412,7 +412,7 @@ def _empty_like(x, lay, be):
     """
     if be.device:
         return be.ops.empty_like(x)
-    if layout.is_identity(lay.order) or x.flags.c_contiguous:
+    if lay.identity or x.flags.c_contiguous:
         return np.empty(x.shape, x.dtype)
     # x is contiguous in the axis order lay.order: empty_like's order="K" makes
     # the same strides (its subok=False: a plain ndarray, as np.empty gives).
@@ -434,7 +434,10 @@ def _kernel_input(a, lay, be):
     (host half data as integer bits: ``dtypes.kernel_view``); None stays None."""
     if a is None:
         return None
-    v = be.views.input_view(a, lay)
+    if lay.identity and type(a) is np.ndarray and a.flags.c_contiguous:  # the usual case
+        v = a if a.shape == lay.kernel_shape else a.reshape(lay.kernel_shape)
+    else:
+        v = be.views.input_view(a, lay)
     return v if be.device or v.itemsize > 2 else dtypes.kernel_view(v)
 
 
@@ -442,7 +445,10 @@ def _kernel_output(a, lay, be):
     """``(view, finish)`` of an output like ``x`` (``layout.output_view``); None stays None."""
     if a is None:
         return None, _nothing
-    v, finish = be.views.output_view(a, lay)
+    if lay.identity and type(a) is np.ndarray and a.flags.c_contiguous:  # the usual case
+        v, finish = (a if a.shape == lay.kernel_shape else a.reshape(lay.kernel_shape)), _nothing
+    else:
+        v, finish = be.views.output_view(a, lay)
     return (v if be.device or v.itemsize > 2 else dtypes.kernel_view(v)), finish
 
 

@@ -8,9 +8,14 @@ importable), all in this process, interleaved round by round, so that the
 ratios survive a noisy machine better than absolute times do (DESIGN.md §4).
 The exit status is 1 when a check fails.
 
-    python -m nbnorm                 # the issue-3 shapes, float32 and float64
+    python -m nbnorm                 # the issue-3 shapes, every dtype, with the epilogues
     python -m nbnorm --quick         # small shapes, a few rounds (tests, CI)
     python -m nbnorm --dtype float32 --rounds 21 --no-torch
+
+Half dtypes' ratios are to the copy of the 2-byte array.  The epilogue rows
+(``+relu``, ``+add+relu``) are compared with PyTorch's unfused sequence
+(``relu(batch_norm(x) + r)``; backward: ``threshold_backward`` then
+``native_batch_norm_backward``).
 """
 
 import argparse
@@ -24,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 import nbnorm
-from nbnorm import reference
+from nbnorm import dtypes, reference
 from nbnorm.cpu import ops
 from nbnorm.cpu.forward import _normalize_run, task_split
 from nbnorm.cpu.streaming import fence
@@ -42,9 +47,31 @@ SMALL_SHAPE = (32, 64)
 #: Tolerance of a check, relative to the largest magnitude of the reference
 #: result: both compute in float64 from the same data, so only the rounding of
 #: the output dtype and the summation order differ.
-TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+#: Half outputs: one rounding of the format (float16 2^-11, bfloat16 2^-8) with margin.
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10, "float16": 2e-3,
+       "bfloat16": 1.6e-2}
 
 KERNELS = ("forward-train", "forward-infer", "backward-train")
+#: The fused epilogues: kernel -> (the kernel without them, activation, residual).
+EPILOGUES = {"forward-train+relu": ("forward-train", "relu", False),
+             "forward-infer+relu": ("forward-infer", "relu", False),
+             "forward-train+add+relu": ("forward-train", "relu", True),
+             "backward-train+relu": ("backward-train", "relu", False)}
+
+
+def _tol(dtype):
+    return TOL.get(dtype, TOL.get(dtype.name))
+
+
+def _dtype(name):
+    """A dtype by name; ``bfloat16`` needs ml_dtypes (None when it is not installed)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 class Row(NamedTuple):
@@ -148,8 +175,9 @@ def floors(shapes, dtype, rounds, rng):
     for name, shape, _ in shapes:
         x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
         out = np.empty_like(x)
-        _, r = _ratios([lambda: np.copyto(out, x), lambda: read_floor(x),
-                        lambda: elementwise_floor(x, out)], rounds)
+        xk, outk = dtypes.kernel_view(x), dtypes.kernel_view(out)  # half data as bits
+        _, r = _ratios([lambda: np.copyto(out, x), lambda: read_floor(xk),
+                        lambda: elementwise_floor(xk, outk)], rounds)
         rows.append((name, float(r[1]), float(r[2])))
     return rows
 
@@ -178,21 +206,31 @@ def _torch_layouts(torch, x, axis):
     """The tensor views of ``x`` torch can take: its own layout for the data and,
     for channels-last data, a contiguous NCHW copy (torch's "best layout" is the
     faster of the two)."""
-    t = torch.from_numpy(x)
+    t = _tensor(torch, x)
     if x.ndim > 2 and axis % x.ndim == x.ndim - 1:  # NHWC data: channels_last view
         nchw = t.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
         return [nchw, nchw.contiguous()]
     return [t]
 
 
-def _torch_fns(torch, x, dy, axis, params):
-    """Callables running torch's forward-train, forward-infer, backward-train,
-    one list (one per layout) each."""
+def _tensor(torch, a):
+    """A tensor sharing ``a``'s memory (bfloat16 through its int16 bits)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _torch_fns(torch, x, dy, axis, params, r=None):
+    """Callables running torch's forward-train, forward-infer, backward-train and
+    the unfused epilogue sequences, one list (one per layout) each."""
     w, b, rm, rv, eps = params
     F = torch.nn.functional
     tw, tb = torch.from_numpy(w), torch.from_numpy(b)
     trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-    fns = {k: [] for k in KERNELS}
+    fns = {k: [] for k in (*KERNELS, *EPILOGUES)}
+    tr = _tensor(torch, r) if r is not None else None
+    if tr is not None and tr.dim() > 2 and axis % tr.dim() == tr.dim() - 1:
+        tr = tr.permute(0, tr.dim() - 1, *range(1, tr.dim() - 1))
     for tx, tdy in zip(_torch_layouts(torch, x, axis), _torch_layouts(torch, dy, axis)):
         if tdy.stride() != tx.stride():
             tdy = tdy.contiguous(memory_format=torch.channels_last) if tx.dim() == 4 \
@@ -205,6 +243,22 @@ def _torch_fns(torch, x, dy, axis, params):
         fns["backward-train"].append(
             lambda tx=tx, tdy=tdy, sm=smean, si=sinv: torch.ops.aten.native_batch_norm_backward(
                 tdy, tx, tw, trm, trv, sm, si, True, eps, [True, True, True]))
+        ty = torch.relu(F.batch_norm(tx, trm.clone(), trv.clone(), tw, tb, training=True,
+                                     eps=eps))
+        fns["forward-train+relu"].append(
+            lambda tx=tx: torch.relu(F.batch_norm(tx, trm, trv, tw, tb, training=True, eps=eps)))
+        fns["forward-infer+relu"].append(
+            lambda tx=tx: torch.relu(F.batch_norm(tx, trm, trv, tw, tb, training=False,
+                                                  eps=eps)))
+        if tr is not None:
+            fns["forward-train+add+relu"].append(
+                lambda tx=tx: torch.relu(F.batch_norm(tx, trm, trv, tw, tb, training=True,
+                                                      eps=eps) + tr))
+        fns["backward-train+relu"].append(
+            lambda tx=tx, tdy=tdy, ty=ty, sm=smean, si=sinv:
+            torch.ops.aten.native_batch_norm_backward(
+                torch.ops.aten.threshold_backward(tdy, ty, 0), tx, tw, trm, trv, sm, si, True,
+                eps, [True, True, True]))
     return fns
 
 
@@ -217,39 +271,44 @@ def _rel_err(actual, expected):
     return float(np.max(np.abs(actual - expected))) / scale
 
 
-def _check_forward(training, x, axis, params, res):
+def _check_forward(training, x, axis, params, res, activation=None, residual=None):
     """Largest relative deviation of ``res`` (nbnorm's ForwardResult) from the reference."""
     w, b, rm, rv, eps = params
-    exp = reference.forward(x, w, b, rm, rv, training=training, eps=eps, axis=axis)
+    exp = reference.forward(x, w, b, rm, rv, training=training, eps=eps, axis=axis,
+                            activation=activation, residual=residual)
     return max(_rel_err(a, e) for a, e in zip(res, (exp.out, exp.mean, exp.invstd)))
 
 
-def _check_backward(x, dy, axis, mean, invstd, w, res):
-    exp = reference.backward(dy, x, mean, invstd, w, axis=axis)
+def _check_backward(x, dy, axis, mean, invstd, w, res, activation=None, forward_out=None):
+    exp = reference.backward(dy, x, mean, invstd, w, axis=axis, activation=activation,
+                             forward_out=forward_out)
     return max(_rel_err(a, e) for a, e in zip(res, exp))
 
 
 # -------------------------------------------------------------------- cases
 
-def run_case(name, shape, axis, dtype, rounds, torch, rng, inner=1):
-    """Check and time the three kernels on one batch; a list of ``Row``."""
+def run_case(name, shape, axis, dtype, rounds, torch, rng, inner=1, epilogues=True):
+    """Check and time the kernels (and the fused epilogues) on one batch; a list
+    of ``Row``."""
     dtype = np.dtype(dtype)
+    pdt = np.dtype(np.float32) if dtype.itemsize == 2 else dtype  # parameters, statistics
     C = shape[axis]
     x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 3.0).astype(dtype)
     dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.uniform(-1.0, 1.0, C).astype(dtype)
-    rm = rng.uniform(2.0, 4.0, C).astype(dtype)
-    rv = rng.uniform(3.0, 5.0, C).astype(dtype)
+    r = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(pdt)
+    b = rng.uniform(-1.0, 1.0, C).astype(pdt)
+    rm = rng.uniform(2.0, 4.0, C).astype(pdt)
+    rv = rng.uniform(3.0, 5.0, C).astype(pdt)
     eps = 1e-5
     params = (w, b, rm, rv, eps)
-    out = np.empty_like(x)
-    gi = np.empty_like(x)
-    mean, invstd = np.empty(C, dtype), np.empty(C, dtype)
-    gw, gb = np.empty(C, dtype), np.empty(C, dtype)
+    out = np.full(shape, np.nan, dtype)
+    gi = np.full(shape, np.nan, dtype)
+    gr = np.full(shape, np.nan, dtype)
+    y = np.empty_like(x)  # the forward output the ReLU backward reads its mask from
+    mean, invstd = np.empty(C, pdt), np.empty(C, pdt)
+    gw, gb = np.empty(C, pdt), np.empty(C, pdt)
     run_rm, run_rv = rm.copy(), rv.copy()
-    out.fill(np.nan)
-    gi.fill(np.nan)
 
     nb = {
         "forward-train": lambda: nbnorm.forward(
@@ -261,26 +320,42 @@ def run_case(name, shape, axis, dtype, rounds, torch, rng, inner=1):
         "backward-train": lambda: nbnorm.backward(
             dy, x, mean, invstd, w, training=True, axis=axis,
             grad_input=gi, grad_weight=gw, grad_bias=gb),
+        "forward-train+relu": lambda: nbnorm.forward(
+            x, w, b, run_rm, run_rv, training=True, eps=eps, axis=axis,
+            out=out, mean=mean, invstd=invstd, activation="relu"),
+        "forward-infer+relu": lambda: nbnorm.forward(
+            x, w, b, rm, rv, training=False, eps=eps, axis=axis,
+            out=out, mean=mean, invstd=invstd, activation="relu"),
+        "forward-train+add+relu": lambda: nbnorm.forward(
+            x, w, b, run_rm, run_rv, training=True, eps=eps, axis=axis,
+            out=out, mean=mean, invstd=invstd, activation="relu", residual=r),
+        "backward-train+relu": lambda: nbnorm.backward(
+            dy, x, mean, invstd, w, training=True, axis=axis, grad_input=gi,
+            grad_weight=gw, grad_bias=gb, activation="relu", forward_out=y, grad_residual=gr),
     }
-    tfns = _torch_fns(torch, x, dy, axis, params) if torch is not None else None
+    tfns = _torch_fns(torch, x, dy, axis, params, r) if torch is not None else None
 
     rows = []
-    for kernel in KERNELS:
-        if kernel == "backward-train":
-            nbnorm.forward(x, w, b, eps=eps, axis=axis, mean=mean, invstd=invstd, out=out)
+    for kernel in KERNELS + (tuple(EPILOGUES) if epilogues else ()):
+        base, act, add = EPILOGUES.get(kernel, (kernel, None, False))
+        if base == "backward-train":
+            nbnorm.forward(x, w, b, eps=eps, axis=axis, mean=mean, invstd=invstd, out=y,
+                           activation=act)
             res = nb[kernel]()
-            err = _check_backward(x, dy, axis, mean.copy(), invstd.copy(), w, res)
+            err = _check_backward(x, dy, axis, mean.copy(), invstd.copy(), w, res, act,
+                                  y if act else None)
         else:
             res = nb[kernel]()
-            err = _check_forward(kernel == "forward-train", x, axis, params, res)
-        ok = err <= TOL[dtype]
-        fns = [lambda: np.copyto(out if kernel != "backward-train" else gi, x), nb[kernel]]
-        if tfns is not None:
+            err = _check_forward(base == "forward-train", x, axis, params, res, act,
+                                 r if add else None)
+        ok = err <= _tol(dtype)
+        fns = [lambda: np.copyto(out if base != "backward-train" else gi, x), nb[kernel]]
+        if tfns is not None and tfns[kernel]:
             for f in tfns[kernel]:
                 f()  # warm up each layout
             fns += tfns[kernel]
         secs, ratios = _ratios(fns, rounds, inner)
-        t_ratio = float(min(ratios[2:])) if tfns is not None else float("nan")
+        t_ratio = float(min(ratios[2:])) if len(ratios) > 2 else float("nan")
         rows.append(Row(kernel, name, shape, dtype.name, float(secs[0]), float(ratios[1]),
                         t_ratio, err, ok))
     return rows
@@ -367,7 +442,12 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few rounds: a check that everything runs")
-    p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    p.add_argument("--dtype", default="all",
+                   choices=["float32", "float64", "float16", "bfloat16", "both", "all"],
+                   help="both: float32 and float64; all (default): with float16 and "
+                        "bfloat16 (when ml_dtypes is installed)")
+    p.add_argument("--no-epilogues", action="store_true",
+                   help="leave out the fused ReLU / residual rows")
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds per kernel (default 11, 3 with --quick)")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
@@ -377,17 +457,19 @@ def main(argv=None):
 
     rounds = args.rounds or (3 if args.quick else 11)
     torch = None if args.no_torch else _torch(numba.get_num_threads())
-    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    dtypes = {"both": ["float32", "float64"],
+              "all": ["float32", "float64", "float16", "bfloat16"]}.get(args.dtype, [args.dtype])
+    dtypes = [d for d in dtypes if _dtype(d) is not None]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rng = np.random.default_rng(0)
 
     rows = []
     for dtype in dtypes:
         for name, shape, axis in shapes:
-            rows += run_case(name, shape, axis, dtype, rounds, torch, rng,
-                             inner=5 if args.quick else 3)
+            rows += run_case(name, shape, axis, _dtype(dtype), rounds, torch, rng,
+                             inner=5 if args.quick else 3, epilogues=not args.no_epilogues)
     small = small_calls(torch, rounds, 200 if args.quick else 2000)
-    floor_rows = {dtype: floors(shapes, dtype, rounds, rng) for dtype in dtypes}
+    floor_rows = {dtype: floors(shapes, _dtype(dtype), rounds, rng) for dtype in dtypes}
 
     print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
                   else "torch not installed"))

@@ -19,6 +19,7 @@ class Layout(NamedTuple):
     order: tuple  # axis permutation that puts x's axes in memory order
     shape: tuple  # (outer, C, inner)
     kernel_shape: tuple  # what the kernels take: shape, or (outer, C) when inner == 1
+    identity: bool  # order keeps the axes as they are (a C-contiguous x)
 
     @property
     def planar(self):
@@ -28,7 +29,8 @@ class Layout(NamedTuple):
 def make(order, outer, C, inner):
     """The ``Layout`` of a canonical ``(outer, C, inner)`` view in axis ``order``."""
     shape = (outer, C, inner)
-    return Layout(order, shape, shape if inner > 1 else shape[:2])
+    return Layout(order, shape, shape if inner > 1 else shape[:2],
+                  tuple(order) == _identity(len(order)))
 
 
 def _memory_order(a):
@@ -43,9 +45,6 @@ def _identity(ndim):
     return _IDENTITY[ndim] if ndim < len(_IDENTITY) else tuple(range(ndim))
 
 
-def is_identity(order):
-    """Whether the axis permutation ``order`` keeps the axes as they are."""
-    return order is _identity(len(order)) or order == _identity(len(order))
 
 
 #: Layouts of C-contiguous arrays by ``(shape, axis)``: a small call's whole

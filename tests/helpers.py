@@ -1,4 +1,4 @@
-"""Test helpers: data, layouts, tolerances and the PyTorch oracle.
+"""Test helpers: data, valid calls, layouts, tolerances and the PyTorch oracle.
 
 Imported by the test modules as ``helpers`` (pytest puts ``tests/`` on the path).
 """
@@ -70,7 +70,13 @@ def assert_same(a, b, what=""):
     """Bitwise equality (NaNs included) of two arrays of the same dtype."""
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), what
+    assert bits(a) == bits(b), what
+
+
+def bits(a):
+    """The bytes of ``a`` in C order (element pointers for object arrays): equal
+    bits means bitwise the same values, NaN payloads and signed zeros included."""
+    return np.ascontiguousarray(a).tobytes()
 
 
 # ------------------------------------------------------------- kernel paths
@@ -109,29 +115,47 @@ MEMORY_KINDS = ["fortran", "channels_last", "stepped", "reversed", "transposed"]
 SAME_ORDER_KINDS = {"stepped", "reversed"}
 
 
-def as_memory(a, kind, axis):
-    """The same values as ``a`` in another memory layout (a view where possible).
+def as_memory(a, kind, axis=None, perm=None):
+    """The same values as ``a`` in another memory layout: a new array, or a view
+    of one, never ``a``'s own memory (writing it leaves ``a`` alone), except
+    ``broadcast``, a read-only view.
 
-    ``fortran``: Fortran order.  ``channels_last``: a transposed view of an array
-    whose channel axis is last in memory (PyTorch's ``channels_last``).
-    ``stepped``: a view with step 2 into a larger buffer (not contiguous in any
-    order).  ``reversed``: negative strides.  ``transposed``: a view of a
-    contiguous array with its axes in reverse order.
+    ``C``: C order.  ``fortran`` (or ``F``): Fortran order.  ``channels_last``:
+    a transposed view of an array whose channel ``axis`` is last in memory
+    (PyTorch's ``channels_last``).  ``permuted``: a transposed view of an array
+    whose axes lie in memory in the order ``perm`` (a permutation of
+    ``range(a.ndim)``, outermost first).  ``stepped``: a view with step 2 into a
+    larger NaN-filled buffer (not contiguous in any order).  ``reversed``:
+    negative strides.  ``transposed``: a view of a contiguous array with its
+    axes in reverse order.  ``broadcast``: ``a[:1]`` with stride 0 along the
+    first axis (read-only); ``a`` must repeat its first row along that axis
+    (ValueError otherwise).
     """
-    if kind == "fortran":
-        return np.asfortranarray(a)
+    if kind == "C":
+        return np.array(a, order="C")
+    if kind in ("fortran", "F"):
+        return np.array(a, order="F")
     if kind == "channels_last":
-        moved = np.ascontiguousarray(np.moveaxis(a, axis, -1))
-        return np.moveaxis(moved, -1, axis)
+        return np.moveaxis(np.array(np.moveaxis(a, axis, -1), order="C"), -1, axis)
+    if kind == "permuted":
+        if perm is None or sorted(perm) != list(range(a.ndim)):
+            raise ValueError(f"permuted: perm must be a permutation of range({a.ndim}), "
+                             f"got {perm!r}")
+        return np.array(a.transpose(perm), order="C").transpose(np.argsort(perm))
     if kind == "stepped":
         buf = np.full(tuple(2 * s + 1 for s in a.shape), np.nan, dtype=a.dtype)
         view = buf[tuple(slice(1, None, 2) for _ in a.shape)]
         view[...] = a
         return view
     if kind == "reversed":
-        return np.ascontiguousarray(a[::-1, ..., ::-1])[::-1, ..., ::-1]
+        return np.array(a[::-1, ..., ::-1], order="C")[::-1, ..., ::-1]
     if kind == "transposed":
-        return np.ascontiguousarray(a.T).T
+        return np.array(a.T, order="C").T
+    if kind == "broadcast":
+        view = np.broadcast_to(a[:1], a.shape)
+        if not np.array_equal(view, a, equal_nan=True):
+            raise ValueError("broadcast: a does not repeat its first row along axis 0")
+        return view
     raise ValueError(kind)
 
 
@@ -196,3 +220,95 @@ def torch_backward(grad_out, x, weight, bias, running_mean, running_var, *, trai
                                          momentum=0.1, eps=eps)
     (out * _to_torch(grad_out, axis)).sum().backward()
     return _from_torch(t.grad, axis), w.grad.numpy(), b.grad.numpy()
+
+
+# --------------------------------------------------------------- valid calls
+
+def _junk(rng, shape, dtype, fill, make):
+    return make(rng, shape, dtype) if fill is None else np.full(shape, fill, dtype)
+
+
+def forward_call(rng, shape, dtype=np.float32, axis=1, training=True, affine=True,
+                 running=True, outputs=True, fill=None, loc=None, scale=None):
+    """The keyword arguments of a valid ``nbnorm.forward(**kwargs)`` call.
+
+    ``x`` is ``data(rng, shape, dtype, loc, scale)``; ``weight``, ``bias`` and
+    ``running_mean`` are ``channel`` vectors and ``running_var`` is ``positive``
+    (weight and bias None unless ``affine``, the running statistics None unless
+    ``running``); ``training`` and ``axis`` as given.  With ``outputs``, ``out``,
+    ``mean`` and ``invstd`` are preallocated with junk: ``fill`` everywhere, or
+    without one random values (``data``, ``channel``, ``positive``).
+    """
+    C = shape[axis]
+    kwargs = dict(x=data(rng, shape, dtype, loc, scale),
+                  weight=channel(rng, C, dtype) if affine else None,
+                  bias=channel(rng, C, dtype) if affine else None,
+                  running_mean=channel(rng, C, dtype) if running else None,
+                  running_var=positive(rng, C, dtype) if running else None,
+                  training=training, axis=axis)
+    if outputs:
+        kwargs.update(out=_junk(rng, shape, dtype, fill, data),
+                      mean=_junk(rng, C, dtype, fill, channel),
+                      invstd=_junk(rng, C, dtype, fill, positive))
+    return kwargs
+
+
+def backward_call(rng, shape, dtype=np.float32, axis=1, training=True, affine=True,
+                  outputs=True, fill=None, loc=None, scale=None):
+    """The keyword arguments of a valid ``nbnorm.backward(**kwargs)`` call.
+
+    ``grad_out`` is ``data``, ``x`` is ``data(rng, shape, dtype, loc, scale)``;
+    ``mean`` (``channel``) and ``invstd`` (``positive``) are random, not x's
+    statistics: a valid call, not the backward of a forward (take those from
+    ``nbnorm.forward`` where it matters, e.g. against PyTorch).  ``weight`` is a
+    ``channel`` vector (None unless ``affine``).  With ``outputs``,
+    ``grad_input``, ``grad_weight`` and ``grad_bias`` are preallocated with
+    junk: ``fill`` everywhere, or without one random values.
+    """
+    C = shape[axis]
+    kwargs = dict(grad_out=data(rng, shape, dtype), x=data(rng, shape, dtype, loc, scale),
+                  mean=channel(rng, C, dtype), invstd=positive(rng, C, dtype),
+                  weight=channel(rng, C, dtype) if affine else None,
+                  training=training, axis=axis)
+    if outputs:
+        kwargs.update(grad_input=_junk(rng, shape, dtype, fill, data),
+                      grad_weight=_junk(rng, C, dtype, fill, channel),
+                      grad_bias=_junk(rng, C, dtype, fill, channel))
+    return kwargs
+
+
+# -------------------------------------------------------- calls that raise
+
+def _arrays(value):
+    """Every ndarray reachable from a call argument, views' bases included."""
+    found = []
+    while isinstance(value, np.ndarray):
+        found.append(value)
+        value = value.base
+    return found
+
+
+def snapshot(kwargs):
+    """``(array, copy)`` of every ndarray argument of a call and of the buffers
+    behind views, for ``assert_unchanged``."""
+    return [(a, a.copy()) for v in kwargs.values() for a in _arrays(v)]
+
+
+def assert_unchanged(snap):
+    """Nothing in ``snapshot``'s arrays changed (NaNs and object identities included)."""
+    for a, before in snap:
+        assert a.shape == before.shape
+        if a.dtype.kind == "O":
+            assert all(p is q for p, q in zip(a.ravel(), before.ravel()))
+        else:
+            assert_same(a, before, "an argument changed on a raising call")
+
+
+def refused(func, exc, match, **kwargs):
+    """``func(**kwargs)`` raises ``exc`` matching ``match`` and writes nothing."""
+    import pytest
+
+    snap = snapshot(kwargs)
+    with pytest.raises(exc, match=match):
+        func(**kwargs)
+    assert_unchanged(snap)

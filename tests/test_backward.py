@@ -8,19 +8,17 @@ import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, KERNEL_PATHS, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS,
                      REF_TOL, SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close,
-                     assert_same, channel, data, positive, torch_backward, use_path)
+                     assert_same, backward_call, data, forward_call, torch_backward,
+                     use_path)
 
 
 def _case(rng, shape, axis, dtype, affine, training):
-    """(grad_out, x, weight, bias, running_mean, running_var, mean, invstd)."""
-    C = shape[axis]
-    x = data(rng, shape, dtype)
-    dy = data(rng, shape, dtype)
-    w = channel(rng, C, dtype) if affine else None
-    b = channel(rng, C, dtype) if affine else None
-    rm, rv = channel(rng, C, dtype), positive(rng, C, dtype)
-    fwd = nbnorm.forward(x, w, b, rm.copy(), rv.copy(), training=training, axis=axis)
-    return dy, x, w, b, rm, rv, fwd.mean, fwd.invstd
+    """(grad_out, x, weight, bias, running_mean, running_var, mean, invstd): a
+    ``helpers.forward_call``'s arrays, and the statistics its forward returns."""
+    k = forward_call(rng, shape, dtype, axis, training, affine, outputs=False)
+    rm, rv = k["running_mean"], k["running_var"]
+    fwd = nbnorm.forward(**{**k, "running_mean": rm.copy(), "running_var": rv.copy()})
+    return data(rng, shape, dtype), k["x"], k["weight"], k["bias"], rm, rv, fwd.mean, fwd.invstd
 
 
 def _check(res, exp, dtype, tol_table=REF_TOL):
@@ -89,10 +87,8 @@ def _numeric_grad(f, a, h=1e-6):
                          ids=["planar", "interleaved", "NHWC"])
 def test_central_differences(rng, shape, axis, training):
     """backward is the gradient of L = sum(forward(x, w, b).out * R) in float64."""
-    C = shape[axis]
-    x = data(rng, shape, np.float64)
-    w, b = channel(rng, C, np.float64), channel(rng, C, np.float64)
-    rm, rv = channel(rng, C, np.float64), positive(rng, C, np.float64)
+    k = forward_call(rng, shape, np.float64, axis, outputs=False)
+    x, w, b, rm, rv = (k[n] for n in ("x", "weight", "bias", "running_mean", "running_var"))
     R = data(rng, shape, np.float64)
 
     def f():
@@ -129,16 +125,13 @@ def test_gradients_without_weight(rng):
 @pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_preallocated_outputs(rng, monkeypatch, shape, axis, training, dtype, path):
     use_path(monkeypatch, path)
-    dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
-    C = shape[axis]
-    gi = np.full(shape, np.nan, dtype)
-    gw = np.full(C, np.nan, dtype)
-    gb = np.full(C, np.nan, dtype)
-    res = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis,
-                          grad_input=gi, grad_weight=gw, grad_bias=gb)
+    k = backward_call(rng, shape, dtype, axis, training, fill=np.nan)
+    gi, gw, gb = k["grad_input"], k["grad_weight"], k["grad_bias"]
+    res = nbnorm.backward(**k)
     assert res.grad_input is gi and res.grad_weight is gw and res.grad_bias is gb
     assert np.isfinite(gi).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
-    exp = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    exp = nbnorm.backward(k["grad_out"], k["x"], k["mean"], k["invstd"], k["weight"],
+                          training=training, axis=axis)
     for a, e in zip(res, exp):
         assert_same(a, e)
 
@@ -154,7 +147,7 @@ def test_in_place(rng, monkeypatch, shape, axis, kind, training, path):
     dtype = np.float64
     dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, dtype, True, training)
     exp = nbnorm.backward(dy, x, mean, invstd, w, training=training, axis=axis)
-    g = dy.copy() if kind == "C" else as_memory(dy, kind, axis)
+    g = as_memory(dy, kind, axis)
     res = nbnorm.backward(g, x, mean, invstd, w, training=training, axis=axis,
                           grad_input=g)
     assert res.grad_input is g
@@ -193,8 +186,7 @@ def test_mixed_input_layouts(rng, x_kind, dy_kind):
     shape, axis = (4, 3, 5, 6), 1
     dy, x, w, _, _, _, mean, invstd = _case(rng, shape, axis, np.float64, True, True)
     exp = reference.backward(dy, x, mean, invstd, w, axis=axis)
-    xs = x if x_kind == "C" else as_memory(x, x_kind, axis)
-    dys = dy if dy_kind == "C" else as_memory(dy, dy_kind, axis)
+    xs, dys = as_memory(x, x_kind, axis), as_memory(dy, dy_kind, axis)
     res = nbnorm.backward(dys, xs, mean, invstd, w, axis=axis)
     _check(res, exp, np.float64)
     res = nbnorm.backward(dys, xs, mean, invstd, w, axis=axis, grad_input=dys)

@@ -16,63 +16,13 @@ import numpy as np
 import pytest
 
 import nbnorm
+from helpers import assert_unchanged, backward_call, bits, forward_call, refused, snapshot
 
 SHAPE = (5, 3, 4)  # planar; the interleaved and channels-last variants below
+JUNK = 7  # what the preallocated outputs of a valid call (helpers.forward_call) hold
 
 
 # ------------------------------------------------------------------ helpers
-
-def _bits(a):
-    """The bytes of ``a`` (element pointers for object arrays)."""
-    return np.ascontiguousarray(a).tobytes()
-
-
-def _snapshot(kw):
-    """(array, bytes) of every ndarray argument and of the buffers behind views."""
-    snap = []
-    for v in kw.values():
-        while isinstance(v, np.ndarray):
-            snap.append((v, _bits(v)))
-            v = v.base
-    return snap
-
-
-def _unchanged(snap):
-    for a, before in snap:
-        assert _bits(a) == before, "an argument changed on a refused call"
-
-
-def _refused(func, exc, match, **kw):
-    snap = _snapshot(kw)
-    with pytest.raises(exc, match=match):
-        func(**kw)
-    _unchanged(snap)
-
-
-def _fwd(rng, shape=SHAPE, dtype=np.float32, axis=1, training=True):
-    """A valid forward call, every output preallocated with junk."""
-    C = shape[axis]
-    return dict(x=(rng.standard_normal(shape) * 2 + 1).astype(dtype),
-                weight=rng.uniform(0.5, 1.5, C).astype(dtype),
-                bias=rng.uniform(-1, 1, C).astype(dtype),
-                running_mean=rng.uniform(-1, 1, C).astype(dtype),
-                running_var=rng.uniform(0.5, 2, C).astype(dtype),
-                training=training, axis=axis,
-                out=np.full(shape, 7, dtype), mean=np.full(C, 7, dtype),
-                invstd=np.full(C, 7, dtype))
-
-
-def _bwd(rng, shape=SHAPE, dtype=np.float32, axis=1, training=True):
-    C = shape[axis]
-    return dict(grad_out=rng.standard_normal(shape).astype(dtype),
-                x=(rng.standard_normal(shape) * 2 + 1).astype(dtype),
-                mean=rng.uniform(-1, 1, C).astype(dtype),
-                invstd=rng.uniform(0.5, 2, C).astype(dtype),
-                weight=rng.uniform(0.5, 1.5, C).astype(dtype),
-                training=training, axis=axis,
-                grad_input=np.full(shape, 7, dtype), grad_weight=np.full(C, 7, dtype),
-                grad_bias=np.full(C, 7, dtype))
-
 
 def _run_fwd(kw):
     """forward on private copies of the running stats; (results..., rm, rv) as bytes."""
@@ -82,13 +32,13 @@ def _run_fwd(kw):
             kw[k] = kw[k].copy()
     r = nbnorm.forward(**kw)
     extra = [kw[k] for k in ("running_mean", "running_var") if kw.get(k) is not None]
-    return [_bits(np.asarray(a)) for a in (*r, *extra)]
+    return [bits(np.asarray(a)) for a in (*r, *extra)]
 
 
 def _run_bwd(kw):
     kw = {k: (v.copy() if k.startswith("grad_") and isinstance(v, np.ndarray)
               and k != "grad_out" else v) for k, v in kw.items()}
-    return [_bits(np.asarray(a)) for a in nbnorm.backward(**kw)]
+    return [bits(np.asarray(a)) for a in nbnorm.backward(**kw)]
 
 
 def _bigendian(a):
@@ -152,8 +102,8 @@ def test_converted_input_gives_the_same_result(rng, name, which, arg, convert, s
     """Inputs that are not native, aligned ndarrays are converted (lists via
     np.asarray; big-endian and unaligned arrays copied); the result is bitwise
     that of the plain call, and the caller's input is untouched."""
-    make, run = (_fwd, _run_fwd) if which == "fwd" else (_bwd, _run_bwd)
-    kw = make(rng, shape, dtype, axis)
+    make, run = (forward_call, _run_fwd) if which == "fwd" else (backward_call, _run_bwd)
+    kw = make(rng, shape, dtype, axis, fill=JUNK)
     if arg == "grad_out" and "broadcast" in name:
         kw[arg] = np.ascontiguousarray(np.broadcast_to(kw[arg][:1], shape))
     expected = run(kw)
@@ -169,15 +119,15 @@ def test_converted_input_gives_the_same_result(rng, name, which, arg, convert, s
                     kw[k] = kw[k].astype(np.float64)
             expected = run(kw)
     converted = convert(kw[arg])
-    snap = _snapshot({arg: converted}) if isinstance(converted, np.ndarray) else []
+    snap = snapshot({arg: converted})
     assert run({**kw, arg: converted}) == expected
-    _unchanged(snap)
+    assert_unchanged(snap)
 
 
 def test_torch_cpu_tensor_input(rng):
     """Anything np.asarray understands is an input, e.g. a PyTorch CPU tensor."""
     torch = pytest.importorskip("torch")
-    kw = _fwd(rng)
+    kw = forward_call(rng, SHAPE, fill=JUNK)
     expected = _run_fwd(kw)
     assert _run_fwd({**kw, "x": torch.from_numpy(kw["x"].copy())}) == expected
 
@@ -186,7 +136,7 @@ def test_torch_cpu_tensor_input(rng):
 def test_noncontiguous_outputs_and_running_stats_are_written(rng, mode):
     """Outputs and running statistics with any strides (no self-overlap) are
     written correctly; the gaps between their elements are left alone."""
-    kw = _fwd(rng, dtype=np.float64)
+    kw = forward_call(rng, SHAPE, np.float64, fill=JUNK)
     expected = _run_fwd(kw)
     if mode == "strided":
         new = {k: _strided(kw[k]) for k in ("running_mean", "running_var", "mean", "invstd")}
@@ -199,7 +149,7 @@ def test_noncontiguous_outputs_and_running_stats_are_written(rng, mode):
     for k in ("running_mean", "running_var"):
         new[k][...] = kw[k]
     r = nbnorm.forward(**{**kw, **new})
-    got = [_bits(np.asarray(a)) for a in (*r, new["running_mean"], new["running_var"])]
+    got = [bits(np.asarray(a)) for a in (*r, new["running_mean"], new["running_var"])]
     assert got == expected
     if mode == "strided":
         assert (buf[:, 1::2] == 9.0).all()
@@ -209,22 +159,22 @@ def test_noncontiguous_outputs_and_running_stats_are_written(rng, mode):
 def test_in_place_forward_and_backward(rng, shape, axis):
     """out=x normalizes in place and grad_input=grad_out computes in place, with
     the bitwise result of the out-of-place calls."""
-    kw = _fwd(rng, shape, np.float32, axis)
+    kw = forward_call(rng, shape, np.float32, axis, fill=JUNK)
     expected = _run_fwd(kw)
     x = kw["x"].copy()
     assert _run_fwd({**kw, "x": x, "out": x}) == expected
-    bw = _bwd(rng, shape, np.float32, axis)
+    bw = backward_call(rng, shape, np.float32, axis, fill=JUNK)
     expected = _run_bwd(bw)
     dy = bw["grad_out"].copy()
     r = nbnorm.backward(**{**bw, "grad_out": dy, "grad_input": dy})
     assert r.grad_input is dy
-    assert [_bits(a) for a in r] == expected
+    assert [bits(a) for a in r] == expected
 
 
 def test_in_place_on_a_noncontiguous_x(rng):
     """out=x where x has no canonical view (a stepped view): read through a copy,
     written through a temporary, still exact."""
-    kw = _fwd(rng, dtype=np.float64)
+    kw = forward_call(rng, SHAPE, np.float64, fill=JUNK)
     expected = _run_fwd(kw)
     buf = np.full(2 * kw["x"].size, 9.0)
     x = buf[::2].reshape(SHAPE)
@@ -236,29 +186,29 @@ def test_in_place_on_a_noncontiguous_x(rng):
 def test_interleaved_views_of_one_buffer_are_not_overlap(rng):
     """mean/invstd as the two columns of one (C, 2) buffer share no element:
     accepted (the overlap check is exact, not by bounds)."""
-    kw = _fwd(rng)
+    kw = forward_call(rng, SHAPE, fill=JUNK)
     expected = _run_fwd(kw)
     pair = np.full((3, 2), 7, np.float32)
     r = nbnorm.forward(**{**kw, "mean": pair[:, 0], "invstd": pair[:, 1],
                           "running_mean": kw["running_mean"].copy(),
                           "running_var": kw["running_var"].copy()})
-    assert [_bits(r.out), _bits(r.mean), _bits(r.invstd)] == expected[:3]
+    assert [bits(r.out), bits(r.mean), bits(r.invstd)] == expected[:3]
     gw = np.full((3, 2), 7, np.float32)
-    bw = _bwd(rng)
+    bw = backward_call(rng, SHAPE, fill=JUNK)
     expected = _run_bwd(bw)
     r = nbnorm.backward(**{**bw, "grad_weight": gw[:, 0], "grad_bias": gw[:, 1]})
-    assert [_bits(a) for a in r] == expected
+    assert [bits(a) for a in r] == expected
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0])
 def test_momentum_bounds(rng, momentum):
     """momentum=0 leaves the running stats bitwise unchanged (finite batch);
     momentum=1 replaces them by the batch statistics."""
-    kw = _fwd(rng, dtype=np.float64)
+    kw = forward_call(rng, SHAPE, np.float64, fill=JUNK)
     rm, rv = kw["running_mean"].copy(), kw["running_var"].copy()
     r = nbnorm.forward(**kw, momentum=momentum)
     if momentum == 0.0:
-        assert _bits(kw["running_mean"]) == _bits(rm) and _bits(kw["running_var"]) == _bits(rv)
+        assert bits(kw["running_mean"]) == bits(rm) and bits(kw["running_var"]) == bits(rv)
     else:
         n = kw["x"].size // 3
         np.testing.assert_allclose(kw["running_mean"], r.mean, rtol=1e-15)
@@ -268,7 +218,7 @@ def test_momentum_bounds(rng, momentum):
 
 @pytest.mark.parametrize("flag", [True, False, np.True_, np.False_, 1, 0])
 def test_bool_like_training_flags(rng, flag):
-    kw = _fwd(rng, training=flag)
+    kw = forward_call(rng, SHAPE, training=flag, fill=JUNK)
     expected = _run_fwd({**kw, "training": bool(flag)})
     assert _run_fwd(kw) == expected
 
@@ -276,16 +226,16 @@ def test_bool_like_training_flags(rng, flag):
 def test_inference_converts_running_stats_like_inputs(rng):
     """Inference only reads the running statistics, so they are inputs there:
     big-endian, unaligned, strided, read-only or lists are converted."""
-    kw = _fwd(rng, training=False)
+    kw = forward_call(rng, SHAPE, training=False, fill=JUNK)
     expected = _run_fwd(kw)
     for convert in (_bigendian, _unaligned, _strided, lambda a: a.tolist()):
         rm, rv = convert(kw["running_mean"]), convert(kw["running_var"])
-        snap = _snapshot({"rm": rm, "rv": rv}) if isinstance(rm, np.ndarray) else []
+        snap = snapshot({"rm": rm, "rv": rv})
         r = nbnorm.forward(**{**kw, "running_mean": rm, "running_var": rv,
                               "out": kw["out"].copy(), "mean": kw["mean"].copy(),
                               "invstd": kw["invstd"].copy()})
-        assert [_bits(a) for a in r] == expected[:3]
-        _unchanged(snap)
+        assert [bits(a) for a in r] == expected[:3]
+        assert_unchanged(snap)
 
 
 # ---------------------------------------------------------------- refused
@@ -347,9 +297,9 @@ FORWARD_REFUSALS = [
 @pytest.mark.parametrize("name,arg,replace,exc,match,training", FORWARD_REFUSALS,
                          ids=[c[0] for c in FORWARD_REFUSALS])
 def test_forward_refusal(rng, name, arg, replace, exc, match, training):
-    kw = _fwd(rng, training=training)
+    kw = forward_call(rng, SHAPE, training=training, fill=JUNK)
     kw[arg] = replace(kw[arg])
-    _refused(nbnorm.forward, exc, match, **kw)
+    refused(nbnorm.forward, exc, match, **kw)
 
 
 BACKWARD_REFUSALS = [
@@ -370,9 +320,9 @@ BACKWARD_REFUSALS = [
 @pytest.mark.parametrize("name,arg,replace,exc,match", BACKWARD_REFUSALS,
                          ids=[c[0] for c in BACKWARD_REFUSALS])
 def test_backward_refusal(rng, name, arg, replace, exc, match):
-    kw = _bwd(rng)
+    kw = backward_call(rng, SHAPE, fill=JUNK)
     kw[arg] = replace(kw[arg])
-    _refused(nbnorm.backward, exc, match, **kw)
+    refused(nbnorm.backward, exc, match, **kw)
 
 
 @pytest.mark.parametrize("eps", [float("inf"), -float("inf"), 0.0, -0.0, b"1e-5", "1e-5",
@@ -380,14 +330,15 @@ def test_backward_refusal(rng, name, arg, replace, exc, match):
 def test_bad_eps(rng, eps):
     """eps must be a finite real number > 0; numeric strings are not numbers."""
     exc = ValueError if isinstance(eps, float) else TypeError
-    _refused(nbnorm.forward, exc, "eps", **_fwd(rng), eps=eps)
+    refused(nbnorm.forward, exc, "eps", **forward_call(rng, SHAPE, fill=JUNK), eps=eps)
 
 
 @pytest.mark.parametrize("momentum", [float("inf"), -1e-12, 1 + 1e-12, "0.1", [0.1],
                                       complex(0.1, 0)])
 def test_bad_momentum(rng, momentum):
     exc = ValueError if isinstance(momentum, float) else TypeError
-    _refused(nbnorm.forward, exc, "momentum", **_fwd(rng), momentum=momentum)
+    refused(nbnorm.forward, exc, "momentum", **forward_call(rng, SHAPE, fill=JUNK),
+            momentum=momentum)
 
 
 @pytest.mark.parametrize("flag", ["False", "", None, 2, -1, 0.5, [True]])
@@ -395,13 +346,14 @@ def test_bad_momentum(rng, momentum):
 def test_bad_training_flag(rng, func, flag):
     """training='False' used to mean True (bool of a non-empty string)."""
     exc = ValueError if isinstance(flag, int) else TypeError
-    kw = _fwd(rng) if func == "forward" else _bwd(rng)
-    _refused(getattr(nbnorm, func), exc, "training", **{**kw, "training": flag})
+    make = forward_call if func == "forward" else backward_call
+    kw = make(rng, SHAPE, fill=JUNK)
+    refused(getattr(nbnorm, func), exc, "training", **{**kw, "training": flag})
 
 
 def test_eps_scalar_types_accepted(rng):
     """Any real scalar works for eps and momentum: numpy scalars, 0-d arrays, ints."""
-    kw = _fwd(rng, dtype=np.float64)
+    kw = forward_call(rng, SHAPE, np.float64, fill=JUNK)
     expected = _run_fwd({**kw, "eps": 1e-3, "momentum": 1.0})
     for eps, mom in [(np.float32(1e-3), np.int64(1)), (np.array(1e-3), True),
                      (np.float64(1e-3), 1)]:

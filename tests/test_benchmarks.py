@@ -32,10 +32,12 @@ def test_selfcheck_quick_runs_and_reports_every_kernel():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "all checks passed" in out
-    for kernel in ("forward-train", "forward-infer", "backward-train"):
+    for kernel in ("forward-train", "forward-infer", "backward-train", "forward-train+relu",
+                   "forward-infer+relu", "forward-train+add+relu", "backward-train+relu"):
         for layout in ("NCHW", "NHWC", "NC"):
-            rows = [l for l in out.splitlines() if l.startswith(kernel) and f" {layout} " in l]
-            assert len(rows) == 2, (kernel, layout, out)  # float32 and float64
+            rows = [l for l in out.splitlines() if l.split()[:2] == [kernel, layout]]
+            assert [l.split()[3] for l in rows] == ["float32", "float64", "float16",
+                                                    "bfloat16"], (kernel, layout, out)
             assert all(l.rstrip().split()[-2] == "ok" for l in rows), rows
     assert "nbnorm/copy" in out
     small = [l for l in out.splitlines() if l.startswith("small call ")]
@@ -43,7 +45,7 @@ def test_selfcheck_quick_runs_and_reports_every_kernel():
                                              "backward-train"], out
     assert all(l.rstrip().split()[-2] == "ok" for l in small), small
     floors = [l for l in out.splitlines() if l.startswith("memory floor")]
-    assert len(floors) == 2 and all(l.count(" = ") == 3 for l in floors), floors
+    assert len(floors) == 4 and all(l.count(" = ") == 3 for l in floors), floors
 
 
 @pytest.mark.parametrize("stream_min_bytes", [0, 1 << 62], ids=["streamed", "ordinary"])
@@ -80,8 +82,8 @@ def test_selfcheck_fails_on_a_wrong_kernel(monkeypatch, capsys):
 
     real = ops.forward_infer
 
-    def wrong(x, weight, bias, eps, running_mean, running_var, out, mean, invstd):
-        real(x, weight, bias, eps, running_mean, running_var, out, mean, invstd)
+    def wrong(x, weight, bias, eps, running_mean, running_var, out, mean, invstd, **epilogue):
+        real(x, weight, bias, eps, running_mean, running_var, out, mean, invstd, **epilogue)
         out[...] += 1e-3
 
     monkeypatch.setattr(ops, "forward_infer", wrong)
@@ -122,6 +124,15 @@ def test_benchmark_methods_run_on_small_params(monkeypatch):
         assert maps.b.x.shape[0] == 4 and maps.b.x.shape[2:] == (int(name[0:name.index("x")]),) * 2
         for m in methods:
             getattr(maps, m)(name, "float32", "small")
+    e = bench_batchnorm.Epilogue()
+    fused = [m for m in dir(e) if m.startswith("time_")]
+    assert len(fused) == 4 and e.params == b.params
+    assert {"float16", "float32", "float64"} <= set(dtypes)
+    for layout in layouts:
+        for dtype in dtypes:
+            e.setup(layout, dtype, "small")
+            for m in fused:
+                getattr(e, m)(layout, dtype, "small")
     s = bench_batchnorm.SmallCall()
     s.setup()
     small = [m for m in dir(s) if m.startswith("time_")]

@@ -49,6 +49,7 @@ import numba
 import numpy as np
 import nbnorm
 from nbnorm import config
+from helpers import data, forward_call
 
 spec = json.loads(sys.argv[1])
 assert numba.config.NUMBA_NUM_THREADS == spec["threads"], numba.config.NUMBA_NUM_THREADS
@@ -61,16 +62,12 @@ def digest(a):
 report = {}
 for i, (name, shape, axis, dtype) in enumerate(spec["cases"]):
     rng = np.random.default_rng(spec["seed"] + i)
-    C = shape[axis]
-    x = (rng.standard_normal(shape) * 2.0 + 7.0).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.uniform(-1.0, 1.0, C).astype(dtype)
-    rm = rng.uniform(-1.0, 1.0, C).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, C).astype(dtype)
-    f = nbnorm.forward(x, w, b, rm, rv, axis=axis)
+    k = forward_call(rng, shape, dtype, axis, outputs=False, loc=7.0, scale=2.0)
+    x, w, rm, rv = k["x"], k["weight"], k["running_mean"], k["running_var"]
+    dy = data(rng, shape, dtype, loc=0.0, scale=1.0)
+    f = nbnorm.forward(**k)
     g = nbnorm.backward(dy, x, f.mean, f.invstd, w, axis=axis)
-    fi = nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis)
+    fi = nbnorm.forward(**{**k, "training": False})
     gi = nbnorm.backward(dy, x, fi.mean, fi.invstd, w, training=False, axis=axis)
     arrays = dict(out=f.out, mean=f.mean, invstd=f.invstd, running_mean=rm,
                   running_var=rv, grad_input=g.grad_input, grad_weight=g.grad_weight,
@@ -85,7 +82,8 @@ def _run(threads, cases, cfg, seed):
     env = dict(os.environ)
     env["NUMBA_NUM_THREADS"] = str(threads)
     root = os.path.dirname(os.path.dirname(os.path.abspath(nbnorm.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
+    tests = os.path.dirname(os.path.abspath(__file__))  # for helpers
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, tests, env.get("PYTHONPATH")] if p)
     spec = dict(threads=threads, cases=cases, config=cfg, seed=seed)
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -149,11 +147,11 @@ def test_planar_channel_groups_change_no_bits(rng, monkeypatch, shape, dtype):
     np.testing.assert_allclose(m2, ((ref - ref.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
                                rtol=1e-9)
     s, sx = np.empty(C), np.empty(C)
-    bwd._planar_channel_dual_sums(dy, x, 0, C, parts, mean, s, sx)
+    bwd._planar_channel_dual_sums(dy, None, x, 0, C, parts, mean, s, sx)
     for group in range(1, C + 1):
         gm, gq, gs, gsx = (np.full(C, np.nan) for _ in range(4))
         stats.channel_stats_planar(x, parts, config.BLOCK, group, gm, gq)
-        bwd.backward_reduce_planar(dy, x, mean, parts, group, gs, gsx)
+        bwd.backward_reduce_planar(dy, None, x, mean, parts, group, gs, gsx)
         for name, a, e in [("mean", gm, mean), ("M2", gq, m2), ("sum_dy", gs, s),
                            ("sum_dy_xmu", gsx, sx)]:
             assert a.tobytes() == e.tobytes(), f"{name}, groups of {group}"

@@ -8,7 +8,8 @@ import nbnorm
 from nbnorm import config, reference
 from helpers import (DTYPES, KERNEL_PATHS, LAYOUT_IDS, LAYOUT_PARAMS, MEMORY_KINDS,
                      REF_TOL, SAME_ORDER_KINDS, TORCH_TOL, as_memory, assert_close,
-                     assert_same, channel, data, positive, torch_forward, use_path)
+                     assert_same, channel, data, forward_call, positive, torch_forward,
+                     use_path)
 
 # train: batch statistics only; train+running: also updates running statistics;
 # infer: normalizes with the running statistics.
@@ -16,14 +17,11 @@ MODES = ["train", "train+running", "infer"]
 
 
 def _args(rng, shape, axis, dtype, affine, mode):
-    C = shape[axis]
-    x = data(rng, shape, dtype)
-    w = channel(rng, C, dtype) if affine else None
-    b = channel(rng, C, dtype) if affine else None
-    rm = rv = None
-    if mode != "train":
-        rm, rv = channel(rng, C, dtype), positive(rng, C, dtype)
-    return x, w, b, rm, rv
+    """``(x, weight, bias, running_mean, running_var)`` of ``helpers.forward_call``,
+    for positional calls: no running statistics in mode "train"."""
+    k = forward_call(rng, shape, dtype, axis, affine=affine, running=mode != "train",
+                     outputs=False)
+    return k["x"], k["weight"], k["bias"], k["running_mean"], k["running_var"]
 
 
 def _check_against_reference(res, x, w, b, rm0, rv0, rm, rv, *, training, momentum, eps,
@@ -193,12 +191,9 @@ def test_broadcast_input(rng, shape, axis):
                          ids=["NCHW", "NHWC", "NC", "mid-axis"])
 def test_memory_layouts(rng, shape, axis, kind, dtype):
     """Any memory order or stride gives the answer of a contiguous copy."""
-    base = data(rng, shape, dtype)
+    base, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "train+running")
     x = as_memory(base, kind, axis)
     assert_same(x, base)
-    C = shape[axis]
-    w, b = channel(rng, C, dtype), channel(rng, C, dtype)
-    rm, rv = channel(rng, C, dtype), positive(rng, C, dtype)
     rm2, rv2 = rm.copy(), rv.copy()
     res = nbnorm.forward(x, w, b, rm, rv, axis=axis)
     exp = nbnorm.forward(base, w, b, rm2, rv2, axis=axis)
@@ -249,17 +244,15 @@ def test_output_memory_layouts(rng, monkeypatch, shape, axis, kind, path):
 @pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_preallocated_outputs(rng, monkeypatch, shape, axis, training, dtype, path):
     use_path(monkeypatch, path)
-    x, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "train+running")
-    C = shape[axis]
+    k = forward_call(rng, shape, dtype, axis, training, fill=np.nan)
+    out, mean, invstd, rm, rv = (k[n] for n in ("out", "mean", "invstd", "running_mean",
+                                                "running_var"))
     rm2, rv2 = rm.copy(), rv.copy()
-    out = np.full(shape, np.nan, dtype)
-    mean = np.full(C, np.nan, dtype)
-    invstd = np.full(C, np.nan, dtype)
-    res = nbnorm.forward(x, w, b, rm, rv, training=training, axis=axis,
-                         out=out, mean=mean, invstd=invstd)
+    res = nbnorm.forward(**k)
     assert res.out is out and res.mean is mean and res.invstd is invstd
     assert np.isfinite(out).all() and np.isfinite(mean).all() and np.isfinite(invstd).all()
-    exp = nbnorm.forward(x, w, b, rm2, rv2, training=training, axis=axis)
+    exp = nbnorm.forward(k["x"], k["weight"], k["bias"], rm2, rv2, training=training,
+                         axis=axis)
     assert_same(out, exp.out)
     assert_same(mean, exp.mean)
     assert_same(invstd, exp.invstd)
@@ -288,11 +281,8 @@ def test_in_place(rng, monkeypatch, shape, axis, kind, training, path):
     """``out=x`` normalizes in place, in any memory layout."""
     use_path(monkeypatch, path)
     dtype = np.float32
-    base = data(rng, shape, dtype)
-    x = base.copy() if kind == "C" else as_memory(base, kind, axis)
-    C = shape[axis]
-    w, b = channel(rng, C, dtype), channel(rng, C, dtype)
-    rm, rv = channel(rng, C, dtype), positive(rng, C, dtype)
+    base, w, b, rm, rv = _args(rng, shape, axis, dtype, True, "train+running")
+    x = as_memory(base, kind, axis)
     exp = nbnorm.forward(base, w, b, rm.copy(), rv.copy(), training=training, axis=axis)
     res = nbnorm.forward(x, w, b, rm, rv, training=training, axis=axis, out=x)
     assert res.out is x

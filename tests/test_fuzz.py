@@ -25,13 +25,15 @@ from hypothesis import strategies as st
 
 import nbnorm
 from nbnorm import reference
+from helpers import as_memory, bits, forward_call, refused
 
 FUZZ_EXAMPLES = int(os.environ.get("NBNORM_FUZZ_EXAMPLES", "3000"))
 SLOW_EXAMPLES = 20 * FUZZ_EXAMPLES
 COMMON = dict(deadline=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-LAYOUTS = ["C", "F", "permuted", "stepped", "reversed"]
+#: ``helpers.as_memory`` kinds of x and grad_out (grad_out also "broadcast").
+LAYOUTS = ["C", "fortran", "permuted", "stepped", "reversed"]
 
 
 #: Sizes for "big" problems: large enough that a channel's reduction is split into
@@ -67,31 +69,11 @@ def problems(draw, big=False):
         scale=10.0 ** draw(st.integers(-3, 3)),
         x_layout=draw(st.sampled_from(LAYOUTS)),
         dy_layout=draw(st.sampled_from(LAYOUTS + ["broadcast"])),
-        perm_seed=draw(st.integers(0, 2**32 - 1)),
+        x_perm=draw(st.permutations(range(ndim))),  # the "permuted" memory orders
+        dy_perm=draw(st.permutations(range(ndim))),
         outputs=draw(st.sampled_from(["new", "preallocated", "strided", "in-place"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
-
-
-def _layout(a, kind, rng):
-    """The same values as ``a`` in memory layout ``kind``."""
-    if kind == "C":
-        return np.ascontiguousarray(a)
-    if kind == "F":
-        return np.asfortranarray(a)
-    if kind == "permuted":
-        p = rng.permutation(a.ndim)
-        return np.ascontiguousarray(a.transpose(p)).transpose(np.argsort(p))
-    if kind == "stepped":
-        buf = np.full(tuple(2 * s for s in a.shape), np.nan, a.dtype)
-        v = buf[tuple(slice(None, None, 2) for _ in a.shape)]
-        v[...] = a
-        return v
-    if kind == "reversed":
-        return np.ascontiguousarray(a[::-1, ..., ::-1])[::-1, ..., ::-1]
-    if kind == "broadcast":
-        return np.broadcast_to(a[:1], a.shape)
-    raise ValueError(kind)
 
 
 def _tol(dtype, scale=1.0):
@@ -103,27 +85,22 @@ def check(p):
     rng = np.random.default_rng(p["seed"])
     shape, axis, dt = p["shape"], p["axis"], p["dtype"]
     C = shape[axis]
-    x0 = (rng.standard_normal(shape) * p["scale"] + p["offset"] * p["scale"]).astype(dt)
-    w = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
-    b = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
-    rm = rng.uniform(-1, 1, C).astype(dt) if p["running"] else None
-    rv = rng.uniform(0.1, 3, C).astype(dt) if p["running"] else None
-    prng = np.random.default_rng(p["perm_seed"])
-    x = _layout(x0, p["x_layout"], prng)
+    k = forward_call(rng, shape, dt, axis, p["training"], p["affine"], p["running"],
+                     outputs=p["outputs"] == "preallocated", fill=np.nan,
+                     loc=p["offset"] * p["scale"], scale=p["scale"])
+    x0, w, b, rm, rv = (k[n] for n in ("x", "weight", "bias", "running_mean", "running_var"))
+    # a copy in every layout ("C" too): never x0 itself, it is the oracle's
+    x = as_memory(x0, p["x_layout"], perm=p["x_perm"])
     exp = reference.forward(x0, w, b, rm, rv, training=p["training"],
                             momentum=p["momentum"], eps=p["eps"], axis=axis)
     rm0 = None if rm is None else rm.copy()
     rv0 = None if rv is None else rv.copy()
 
-    kw = {}
-    if p["outputs"] == "preallocated":
-        kw = dict(out=np.full(shape, np.nan, dt), mean=np.full(C, np.nan, dt),
-                  invstd=np.full(C, np.nan, dt))
-    elif p["outputs"] == "strided":
-        kw = dict(out=_layout(np.full(shape, np.nan, dt), "stepped", prng),
+    kw = {n: k[n] for n in ("out", "mean", "invstd") if n in k}  # "preallocated"
+    if p["outputs"] == "strided":
+        kw = dict(out=as_memory(np.full(shape, np.nan, dt), "stepped"),
                   mean=np.full(2 * C, np.nan, dt)[::2], invstd=np.full(2 * C, np.nan, dt)[1::2])
     elif p["outputs"] == "in-place":
-        x = _layout(x0.copy(), p["x_layout"], prng)  # never x0 itself: it is the oracle's
         kw = dict(out=x)
     res = nbnorm.forward(x, w, b, rm, rv, training=p["training"], momentum=p["momentum"],
                          eps=p["eps"], axis=axis, **kw)
@@ -148,7 +125,7 @@ def check(p):
     dy0 = rng.standard_normal(shape).astype(dt)
     if p["dy_layout"] == "broadcast":
         dy0 = np.ascontiguousarray(np.broadcast_to(dy0[:1], shape))
-    dy = _layout(dy0, p["dy_layout"], prng)
+    dy = as_memory(dy0, p["dy_layout"], perm=p["dy_perm"])
     x0c = x0  # forward may have overwritten x (in place): use the original values
     gexp = reference.backward(dy0, x0c, res.mean, res.invstd, w, training=p["training"],
                               axis=axis)
@@ -231,18 +208,17 @@ def check_nonfinite(p):
     rng = np.random.default_rng(p["seed"])
     shape, axis, dt = p["shape"], p["axis"], p["dtype"]
     C = shape[axis]
-    x0 = (rng.standard_normal(shape) * p["scale"] + p["offset"] * p["scale"]).astype(dt)
+    k0 = forward_call(rng, shape, dt, axis, affine=False, outputs=False,
+                      loc=p["offset"] * p["scale"], scale=p["scale"])
+    x0, rm0, rv0 = k0["x"], k0["running_mean"], k0["running_var"]
     xc = np.moveaxis(x0, axis, 0)
     for c in p["bad"]:
         xc[c].flat[int(rng.integers(xc[c].size))] = p["poison"]
-    rm0 = rng.uniform(-1, 1, C).astype(dt)
-    rv0 = rng.uniform(0.1, 3, C).astype(dt)
     results = {}
     for policy in ("propagate", "skip", "raise"):
         # the same memory layout for every policy (another layout may run another
         # kernel, whose last bits may differ)
-        prng = np.random.default_rng(p["perm_seed"])
-        x = _layout(x0.copy(), p["x_layout"], prng)
+        x = as_memory(x0, p["x_layout"], perm=p["x_perm"])
         rm, rv = rm0.copy(), rv0.copy()
         kw = {}
         if p["outputs"] == "preallocated":
@@ -250,16 +226,13 @@ def check_nonfinite(p):
                       invstd=np.full(C, 7, dt))
         elif p["outputs"] == "in-place":
             kw = dict(out=x)
-        before = [a.tobytes() for a in (x, rm, rv, *kw.values())]
+        kw.update(x=x, running_mean=rm, running_var=rv, axis=axis, momentum=p["momentum"],
+                  eps=p["eps"])
         if policy == "raise" and p["bad"]:
-            with pytest.raises(FloatingPointError):
-                nbnorm.forward(x, None, None, rm, rv, axis=axis, momentum=p["momentum"],
-                               eps=p["eps"], on_nonfinite="raise", **kw)
-            assert [a.tobytes() for a in (x, rm, rv, *kw.values())] == before
+            refused(nbnorm.forward, FloatingPointError, None, **kw, on_nonfinite="raise")
             continue
-        r = nbnorm.forward(x, None, None, rm, rv, axis=axis, momentum=p["momentum"],
-                           eps=p["eps"], on_nonfinite=policy, **kw)
-        results[policy] = ([np.ascontiguousarray(a).tobytes() for a in r], rm, rv, r)
+        r = nbnorm.forward(**kw, on_nonfinite=policy)
+        results[policy] = ([bits(a) for a in r], rm, rv, r)
     prop, skip = results["propagate"], results["skip"]
     assert prop[0] == skip[0]
     bad = np.zeros(C, bool)

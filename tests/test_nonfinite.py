@@ -11,6 +11,7 @@ import pytest
 
 import nbnorm
 from nbnorm import reference
+from helpers import bits, data, forward_call, refused
 
 # (shape, axis): planar, interleaved, channels-last, middle axis (small: the
 # serial kernels), then shapes for each parallel path of cpu/ops (fused planar
@@ -19,10 +20,6 @@ CASES = [((6, 4, 9), 1), ((33, 5), 1), ((3, 4, 5, 6), -1), ((4, 3, 5, 2), 2)]
 BIG_CASES = [((4, 16, 1024), 1), ((2, 3, 50000), 1), ((70000, 2), 1)]
 ALL_CASES = CASES + BIG_CASES
 POISONS = [np.nan, np.inf, -np.inf, "inf-inf"]
-
-
-def _batch(rng, shape, dtype):
-    return (rng.standard_normal(shape) * 1.5 + 0.5).astype(dtype)
 
 
 def _poison(x, axis, c, poison, rng):
@@ -37,14 +34,6 @@ def _poison(x, axis, c, poison, rng):
         xc[tuple(i[0] for i in idx)] = poison
 
 
-def _running(rng, C, dtype):
-    return rng.uniform(-1, 1, C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
-
-
-def _bits(a):
-    return np.ascontiguousarray(a).tobytes()
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf", "inf-inf"])
 @pytest.mark.parametrize("shape,axis", ALL_CASES)
@@ -52,13 +41,11 @@ def test_nonfinite_stays_in_its_channel(rng, shape, axis, poison, dtype):
     """NaN/inf in one channel make that channel's mean/invstd/out non-finite
     (propagate) and leave every other channel exact; the backward gradients of the
     other channels are unaffected too."""
-    x = _batch(rng, shape, dtype)
+    k = forward_call(rng, shape, dtype, axis, outputs=False)
+    x, w, b, rm, rv = (k[n] for n in ("x", "weight", "bias", "running_mean", "running_var"))
     C = shape[axis]
     c = int(rng.integers(C))
     _poison(x, axis, c, poison, rng)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.uniform(-1, 1, C).astype(dtype)
-    rm, rv = _running(rng, C, dtype)
     rm0, rv0 = rm.copy(), rv.copy()
     res = nbnorm.forward(x, w, b, rm, rv, axis=axis)
 
@@ -80,7 +67,7 @@ def test_nonfinite_stays_in_its_channel(rng, shape, axis, poison, dtype):
     np.testing.assert_allclose(rm[keep], exp.running_mean, **tol)
     np.testing.assert_allclose(rv[keep], exp.running_var, **tol)
 
-    dy = _batch(rng, shape, dtype)
+    dy = data(rng, shape, dtype)
     g = nbnorm.backward(dy, x, res.mean, res.invstd, w, axis=axis)
     gi = np.moveaxis(g.grad_input, axis, 0)
     assert np.isfinite(gi[good]).all()
@@ -97,34 +84,34 @@ def test_skip_keeps_running_stats_of_bad_channels(rng, shape, axis, dtype):
     """skip: outputs identical to propagate's, bad channels' running stats unchanged
     bitwise, good channels updated exactly as propagate updates them."""
     C = shape[axis]
-    x = _batch(rng, shape, dtype)
+    k = forward_call(rng, shape, dtype, axis, affine=False, outputs=False)
+    x, rm, rv = k["x"], k["running_mean"], k["running_var"]
     bad = rng.choice(C, size=max(1, C // 2), replace=False)
-    for k, c in enumerate(bad):
-        _poison(x, axis, c, POISONS[k % len(POISONS)], rng)
-    rm, rv = _running(rng, C, dtype)
+    for i, c in enumerate(bad):
+        _poison(x, axis, c, POISONS[i % len(POISONS)], rng)
     rm_p, rv_p = rm.copy(), rv.copy()
     rm_s, rv_s = rm.copy(), rv.copy()
     p = nbnorm.forward(x, None, None, rm_p, rv_p, axis=axis)
     s = nbnorm.forward(x, None, None, rm_s, rv_s, axis=axis, on_nonfinite="skip")
     for a, b in zip(p, s):
-        assert _bits(a) == _bits(b)
+        assert bits(a) == bits(b)
     # which channels were skipped is visible in the returned statistics
     seen = ~(np.isfinite(s.mean) & np.isfinite(s.invstd))
     assert set(np.flatnonzero(seen)) == set(bad.tolist())
-    assert _bits(rm_s[seen]) == _bits(rm[seen]) and _bits(rv_s[seen]) == _bits(rv[seen])
-    assert _bits(rm_s[~seen]) == _bits(rm_p[~seen]) and _bits(rv_s[~seen]) == _bits(rv_p[~seen])
+    assert bits(rm_s[seen]) == bits(rm[seen]) and bits(rv_s[seen]) == bits(rv[seen])
+    assert bits(rm_s[~seen]) == bits(rm_p[~seen]) and bits(rv_s[~seen]) == bits(rv_p[~seen])
     assert np.isfinite(rm_s).all() and np.isfinite(rv_s).all()
 
 
 def test_skip_with_all_finite_equals_propagate(rng):
-    x = _batch(rng, (8, 3, 7), np.float32)
-    r1 = _running(rng, 3, np.float32)
+    k = forward_call(rng, (8, 3, 7), np.float32, affine=False, outputs=False)
+    x, r1 = k["x"], (k["running_mean"], k["running_var"])
     r2 = tuple(a.copy() for a in r1)
     a = nbnorm.forward(x, None, None, *r1)
     b = nbnorm.forward(x, None, None, *r2, on_nonfinite="skip")
     c = nbnorm.forward(x, None, None, *(t.copy() for t in r1), on_nonfinite="raise")
-    assert all(_bits(u) == _bits(v) == _bits(w) for u, v, w in zip(a, b, c))
-    assert all(_bits(u) == _bits(v) for u, v in zip(r1, r2))
+    assert all(bits(u) == bits(v) == bits(w) for u, v, w in zip(a, b, c))
+    assert all(bits(u) == bits(v) for u, v in zip(r1, r2))
 
 
 @pytest.mark.parametrize("preallocated", [False, True, "in-place"])
@@ -132,53 +119,40 @@ def test_skip_with_all_finite_equals_propagate(rng):
 def test_raise_writes_nothing(rng, shape, axis, preallocated):
     """raise: FloatingPointError, and no output buffer (in-place x included) and no
     running statistic has changed."""
-    dtype = np.float32
-    C = shape[axis]
-    x = _batch(rng, shape, dtype)
-    _poison(x, axis, int(rng.integers(C)), np.nan, rng)
-    rm, rv = _running(rng, C, dtype)
-    kw = {}
-    if preallocated:
-        kw = dict(out=x if preallocated == "in-place" else np.full(shape, 7, dtype),
-                  mean=np.full(C, 7, dtype), invstd=np.full(C, 7, dtype))
-    before = [_bits(a) for a in (x, rm, rv, *kw.values())]
-    with pytest.raises(FloatingPointError, match="not finite"):
-        nbnorm.forward(x, None, None, rm, rv, axis=axis, on_nonfinite="raise", **kw)
-    assert [_bits(a) for a in (x, rm, rv, *kw.values())] == before
+    k = forward_call(rng, shape, np.float32, axis, affine=False, outputs=bool(preallocated),
+                     fill=7)
+    _poison(k["x"], axis, int(rng.integers(shape[axis])), np.nan, rng)
+    if preallocated == "in-place":
+        k["out"] = k["x"]
+    refused(nbnorm.forward, FloatingPointError, "not finite", **k, on_nonfinite="raise")
     # also without running statistics: a bad batch is an error in itself
-    with pytest.raises(FloatingPointError):
-        nbnorm.forward(x, axis=axis, on_nonfinite="raise", **kw)
-    assert [_bits(a) for a in (x, rm, rv, *kw.values())] == before
+    refused(nbnorm.forward, FloatingPointError, None,
+            **{**k, "running_mean": None, "running_var": None}, on_nonfinite="raise")
 
 
 def test_inference_ignores_on_nonfinite(rng):
     """Inference computes no batch statistics; NaN in x or in the running stats
     just propagates, under every policy."""
-    x = _batch(rng, (5, 3, 4), np.float64)
-    x[0, 1, 0] = np.nan
-    rm, rv = _running(rng, 3, np.float64)
-    rm[2] = np.nan
+    k = forward_call(rng, (5, 3, 4), np.float64, training=False, affine=False,
+                     outputs=False)
+    k["x"][0, 1, 0] = np.nan
+    k["running_mean"][2] = np.nan
     for policy in ("propagate", "skip", "raise"):
-        r = nbnorm.forward(x, None, None, rm, rv, training=False, on_nonfinite=policy)
+        r = nbnorm.forward(**k, on_nonfinite=policy)
         assert np.isnan(r.out[0, 1, 0]) and np.isfinite(r.out[1:, 1]).all()
         assert np.isnan(r.out[:, 2]).all() and np.isfinite(r.out[:, 0]).all()
 
 
 @pytest.mark.parametrize("bad", ["ignore", "", "Skip", None, 1, True])
 def test_unknown_policy_is_refused_before_writing(rng, bad):
-    x = _batch(rng, (4, 3), np.float32)
-    rm, rv = _running(rng, 3, np.float32)
-    out = np.full_like(x, 5)
-    before = [_bits(a) for a in (x, rm, rv, out)]
-    with pytest.raises(ValueError, match="on_nonfinite"):
-        nbnorm.forward(x, None, None, rm, rv, out=out, on_nonfinite=bad)
-    assert [_bits(a) for a in (x, rm, rv, out)] == before
+    k = forward_call(rng, (4, 3), np.float32, affine=False, fill=5)
+    refused(nbnorm.forward, ValueError, "on_nonfinite", **k, on_nonfinite=bad)
 
 
 def test_float64_variance_overflow_is_skipped(rng):
     """float64 data beyond ~1e154: the mean is finite but M2 overflows to inf, so
     invstd is 0; skip treats the channel as non-finite and keeps its running var."""
-    x = _batch(rng, (16, 2), np.float64)
+    x = data(rng, (16, 2), np.float64)
     x[:, 0] *= 1e200
     rm, rv = np.zeros(2), np.ones(2)
     r = nbnorm.forward(x, None, None, rm, rv, on_nonfinite="skip")

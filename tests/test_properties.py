@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 import nbnorm
 from nbnorm import reference
 from nbnorm import config
-from helpers import KERNEL_PATHS, REF_TOL, assert_close, use_path
+from helpers import KERNEL_PATHS, REF_TOL, as_memory, assert_close, forward_call, use_path
 
 # Inner/outer products from 1 to a few hundred: planar and interleaved, C=1,
 # outer=1, inner=1 all come up.
 shapes = st.lists(st.integers(1, 7), min_size=2, max_size=5)
+LAYOUTS = ["C", "fortran", "stepped", "permuted"]
 
 
 @st.composite
@@ -26,26 +27,13 @@ def problems(draw):
                 dtype=draw(st.sampled_from([np.float32, np.float64])),
                 affine=draw(st.booleans()), running=draw(st.booleans()) or not training,
                 momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
-                layout=draw(st.sampled_from(["C", "F", "step", "perm"])),
-                out_layout=draw(st.sampled_from([None, "C", "F", "step", "perm"])),
+                # helpers.as_memory kinds ("permuted": in the memory order perm)
+                layout=draw(st.sampled_from(LAYOUTS)),
+                out_layout=draw(st.sampled_from([None] + LAYOUTS)),
                 perm=draw(st.permutations(range(ndim))),
                 path=draw(st.sampled_from(list(KERNEL_PATHS))),
                 block=draw(st.sampled_from([None, 1, 7, 64])),
                 seed=draw(st.integers(0, 2**32 - 1)))
-
-
-def _layout(a, kind, perm=None):
-    """``a``'s values in memory layout ``kind``; ``perm``: the memory order of axes."""
-    if kind == "perm":
-        return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
-    if kind == "F":
-        return np.asfortranarray(a)
-    if kind == "step":
-        buf = np.empty(tuple(2 * s for s in a.shape), a.dtype)
-        v = buf[tuple(slice(None, None, 2) for _ in a.shape)]
-        v[...] = a
-        return v
-    return a
 
 
 @settings(deadline=None, max_examples=150)
@@ -62,20 +50,16 @@ def test_forward_backward_match_reference(p):
 def _check(p):
     rng = np.random.default_rng(p["seed"])
     shape, axis, dt = p["shape"], p["axis"], p["dtype"]
-    C = shape[axis]
-    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3) + rng.uniform(-5, 5)).astype(dt)
+    k = forward_call(rng, shape, dt, axis, p["training"], p["affine"], p["running"],
+                     outputs=False, loc=rng.uniform(-5, 5))
+    x, w, b, rm, rv = (k[n] for n in ("x", "weight", "bias", "running_mean", "running_var"))
     dy = rng.standard_normal(shape).astype(dt)
-    w = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
-    b = rng.uniform(-2, 2, C).astype(dt) if p["affine"] else None
-    rm = rv = None
-    if p["running"]:
-        rm, rv = rng.uniform(-1, 1, C).astype(dt), rng.uniform(0.5, 2, C).astype(dt)
     exp = reference.forward(x, w, b, rm, rv, training=p["training"],
                             momentum=p["momentum"], axis=axis)
     out = None
     if p["out_layout"] is not None:
-        out = _layout(np.full(shape, np.nan, dt), p["out_layout"], p["perm"][::-1])
-    res = nbnorm.forward(_layout(x, p["layout"], p["perm"]), w, b, rm, rv,
+        out = as_memory(np.full(shape, np.nan, dt), p["out_layout"], perm=p["perm"][::-1])
+    res = nbnorm.forward(as_memory(x, p["layout"], perm=p["perm"]), w, b, rm, rv,
                          training=p["training"], momentum=p["momentum"], axis=axis, out=out)
     assert out is None or res.out is out
     tol = REF_TOL[np.dtype(dt)]
@@ -86,7 +70,7 @@ def _check(p):
         assert_close(rm, exp.running_mean, tol, "running_mean")
         assert_close(rv, exp.running_var, tol, "running_var")
 
-    g = nbnorm.backward(_layout(dy, p["layout"], p["perm"]), x, res.mean, res.invstd, w,
+    g = nbnorm.backward(as_memory(dy, p["layout"], perm=p["perm"]), x, res.mean, res.invstd, w,
                         training=p["training"], axis=axis)
     ge = reference.backward(dy, x, res.mean, res.invstd, w, training=p["training"],
                             axis=axis)

@@ -129,7 +129,7 @@ def compact(a):
     raise NotImplementedError("nbnorm.cpu.convert.compact runs inside Numba kernels only")
 
 
-@overload(load)
+@overload(load, inline="always")
 def _load(v):
     if v == types.uint16:
         return lambda v: f16_to_f64(v)
@@ -140,21 +140,19 @@ def _load(v):
     return None
 
 
-@overload(store)
+@overload(store, inline="always")
 def _store(v, a):
     dt = a.dtype
     if dt == types.uint16:
         return lambda v, a: f64_to_f16(v)
     if dt == types.int16:
         return lambda v, a: f64_to_bf16(v)
-    if dt == types.float32:
-        return lambda v, a: np.float32(v)
-    if dt == types.float64:
-        return lambda v, a: np.float64(v)
+    if dt in (types.float32, types.float64):
+        return lambda v, a: v  # the element assignment rounds float64 to float32 (RNE)
     return None
 
 
-@overload(compact)
+@overload(compact, inline="always")
 def _compact(a):
     value = a.dtype.bitwidth <= 32
     return lambda a: value

@@ -12,13 +12,20 @@ but float32/float64 data and no epilogue is involved: only those calls use
 the streaming-store intrinsics (``streaming``), which know those two dtypes.
 """
 
-from numba import types
+from numba import njit, types
 from numba.extending import overload
 
-from . import per_channel
+from .. import channel
 from .convert import load, store
 
-relu = per_channel.math.relu
+#: Called, not inlined into Numba's IR: its branch would be (IR inlining of
+#: functions with branches trips Numba's internal checks); LLVM inlines it.
+relu = njit(cache=True)(channel.relu)
+
+
+@njit(cache=True)
+def _masked(g, f):
+    return g if f > 0.0 else 0.0
 
 
 def _none(t):
@@ -29,7 +36,7 @@ def finish(v, residual, i, act):
     """``act(v + residual[i])``: ``residual`` and ``act`` may be None."""
 
 
-@overload(finish)
+@overload(finish, inline="always")
 def _finish(v, residual, i, act):
     if _none(residual) and _none(act):
         return lambda v, residual, i, act: v
@@ -45,18 +52,18 @@ def grad(dy, forward_out, i):
     ``forward_out`` is given: the gradient through the fused ReLU."""
 
 
-@overload(grad)
+@overload(grad, inline="always")
 def _grad(dy, forward_out, i):
     if _none(forward_out):
         return lambda dy, forward_out, i: load(dy[i])
-    return lambda dy, forward_out, i: load(dy[i]) if load(forward_out[i]) > 0.0 else 0.0
+    return lambda dy, forward_out, i: _masked(load(dy[i]), load(forward_out[i]))
 
 
 def put(a, i, v):
     """``a[i] = v`` rounded to ``a``'s dtype, unless ``a`` is None."""
 
 
-@overload(put)
+@overload(put, inline="always")
 def _put(a, i, v):
     if _none(a):
         return lambda a, i, v: None
@@ -70,7 +77,7 @@ def run(a, o, c):
     """``a[o, c]``, or None for None."""
 
 
-@overload(run)
+@overload(run, inline="always")
 def _run(a, o, c):
     if _none(a):
         return lambda a, o, c: None
@@ -81,7 +88,7 @@ def cut(a, o, c, i0, i1):
     """``a[o, c, i0:i1]``, or None for None."""
 
 
-@overload(cut)
+@overload(cut, inline="always")
 def _cut(a, o, c, i0, i1):
     if _none(a):
         return lambda a, o, c, i0, i1: None
@@ -92,7 +99,7 @@ def row(a, r):
     """``a[r]``, or None for None."""
 
 
-@overload(row)
+@overload(row, inline="always")
 def _row(a, r):
     if _none(a):
         return lambda a, r: None
@@ -103,7 +110,7 @@ def flat(a):
     """``a.reshape(-1)`` of a C-contiguous array, or None for None."""
 
 
-@overload(flat)
+@overload(flat, inline="always")
 def _flat(a):
     if _none(a):
         return lambda a: None
@@ -114,7 +121,7 @@ def wide(a, w):
     """``a``'s first ``outer // w * w`` rows as rows of ``w * C`` (``stats.widen``), or None."""
 
 
-@overload(wide)
+@overload(wide, inline="always")
 def _wide(a, w):
     if _none(a):
         return lambda a, w: None

@@ -355,13 +355,13 @@ def train_serial_planar(x, parts, block, eps, momentum, weight, bias, policy, ou
 
 
 @njit(cache=True)
-def train_serial_interleaved(x, wide, parts, block, unroll, eps, momentum, weight, bias, policy,
+def train_serial_interleaved(x, wide, parts, block, sum_c, sqdev_c, eps, momentum, weight, bias, policy,
                              out, mean_out, invstd_out, running_mean, running_var, res, act):
     """``train_serial_planar`` for ``x[outer, C]``."""
     outer, C = x.shape
     mu = np.empty(C)
     m2 = np.empty(C)
-    stats.channel_stats_interleaved_serial(x, wide, parts, block, unroll, mu, m2)
+    stats.channel_stats_interleaved_serial(x, wide, parts, block, sum_c, sqdev_c, mu, m2)
     if policy == RAISE and not _all_finite(mu, m2):
         return False
     coef = np.empty((3, wide * C))  # one table instead of five arrays

@@ -110,10 +110,10 @@ def batch_moments(x, serial=False):
     elif serial:
         wide, parts = stats.interleaved_split(*x.shape)
         stats.channel_stats_interleaved_serial(x, wide, parts, config.BLOCK,
-                                               stats.unroll(x.itemsize), mean, m2)
+                                               *stats.unroll(x.itemsize), mean, m2)
     else:
         wide, parts = stats.interleaved_split(*x.shape)
-        stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, stats.unroll(x.itemsize),
+        stats.channel_stats_interleaved(x, wide, parts, config.BLOCK, *stats.unroll(x.itemsize),
                                         mean, m2,
                                         _work(parts, 4, wide * C))
     return mean, m2
@@ -238,7 +238,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         else:
             wide, parts = stats.interleaved_split(*x.shape)
             ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK,
-                                              stats.unroll(x.itemsize), eps, momentum, w, b,
+                                              *stats.unroll(x.itemsize), eps, momentum, w, b,
                                               policy, out, mean, invstd, rm, rv, residual, act)
         if not ok:  # "raise": the same moments again, for the message; nothing written
             guard.running_update_mask(*batch_moments(x, serial=True), on_nonfinite)

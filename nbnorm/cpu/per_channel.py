@@ -1,7 +1,7 @@
-"""``nbnorm.channel``'s per-channel math compiled for the CPU kernels (inlined)."""
+"""``nbnorm.channel``'s per-channel math compiled for the CPU kernels (inlined into the kernels)."""
 
 from numba import njit
 
 from .. import channel
 
-math = channel.compiled(njit(cache=True))
+math = channel.compiled(njit(cache=True, inline="always"))

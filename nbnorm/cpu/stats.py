@@ -275,7 +275,9 @@ def unroll(itemsize):
     """``(sum_c, sqdev_c)``: rows of at least this many values are summed (first
     pass) and their squared deviations summed (second pass, and backward's
     sums) four rows per accumulator update (``config.ROWS_UNROLL_MIN_C``,
-    ``config.ROWS_SUM_UNROLL_MIN_ITEMSIZE``); read at every call."""
+    ``config.ROWS_SUM_UNROLL_MIN_ITEMSIZE``); read at every call.  Two int
+    arguments of the kernels, not a tuple: Numba types a tuple argument in
+    Python (~0.5 us a call), an int in C."""
     c = config.ROWS_UNROLL_MIN_C
     return (c if itemsize >= config.ROWS_SUM_UNROLL_MIN_ITEMSIZE else 1 << 62), c
 
@@ -342,7 +344,7 @@ def _rows_sqdev(x, r0, r1, m, acc, unroll_c):
 
 
 @njit(cache=True)
-def interleaved_part_moments(x, r0, r1, brows, unroll, mean, m2, bmean, bq):
+def interleaved_part_moments(x, r0, r1, brows, sum_c, sqdev_c, mean, m2, bmean, bq):
     """Per-channel (mean, M2) of rows ``[r0, r1)`` of ``x[outer, C]`` into ``mean``,
     ``m2``; blocks of ``brows`` rows Chan-merged in order (``bmean``, ``bq``:
     scratch of length C)."""
@@ -354,10 +356,10 @@ def interleaved_part_moments(x, r0, r1, brows, unroll, mean, m2, bmean, bq):
     while r < r1:
         k = min(r1, r + brows)
         nb = float(k - r)
-        _rows_sum(x, r, k, bmean, unroll[0])
+        _rows_sum(x, r, k, bmean, sum_c)
         for c in range(C):
             bmean[c] /= nb
-        _rows_sqdev(x, r, k, bmean, bq, unroll[1])
+        _rows_sqdev(x, r, k, bmean, bq, sqdev_c)
         cnt = chan_merge_all(cnt, nb, mean, m2, bmean, bq)
         r = k
 
@@ -406,7 +408,7 @@ def _fold_wide(wide, cnt, wmean, wm2, mean_out, m2_out):
 
 
 @njit(cache=True)
-def _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out):
+def _finish_interleaved(x, wide, parts, block, sum_c, sqdev_c, work, mean_out, m2_out):
     """The end of an interleaved reduction: merge the parts of the wide rows
     (``work[p, 0]``, ``work[p, 1]``), fold their column groups into channels,
     then merge the ``outer % wide`` narrow rows left over."""
@@ -423,7 +425,7 @@ def _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out):
     rest = outer - ow * wide
     if rest:
         r = np.empty((4, C))
-        interleaved_part_moments(x, ow * wide, outer, max(1, block // C), unroll, r[0], r[1],
+        interleaved_part_moments(x, ow * wide, outer, max(1, block // C), sum_c, sqdev_c, r[0], r[1],
                                  r[2], r[3])
         n = float(ow * wide)
         f = rest / (n + rest)
@@ -432,7 +434,7 @@ def _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out):
 
 
 @njit(parallel=True, cache=True)
-def channel_stats_interleaved(x, wide, parts, block, unroll, mean_out, m2_out, work):
+def channel_stats_interleaved(x, wide, parts, block, sum_c, sqdev_c, mean_out, m2_out, work):
     """Mean and M2 of each channel (column) of ``x[outer, C]``, over wide rows of
     ``wide`` rows (``wide_rows``).
 
@@ -443,27 +445,27 @@ def channel_stats_interleaved(x, wide, parts, block, unroll, mean_out, m2_out, w
     """
     xw = widen(x, wide)
     for p in prange(parts):
-        _interleaved_part(xw, p, parts, block, unroll, work[p])
-    _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out)
+        _interleaved_part(xw, p, parts, block, sum_c, sqdev_c, work[p])
+    _finish_interleaved(x, wide, parts, block, sum_c, sqdev_c, work, mean_out, m2_out)
 
 
 @njit(cache=True)
-def channel_stats_interleaved_serial(x, wide, parts, block, unroll, mean_out, m2_out):
+def channel_stats_interleaved_serial(x, wide, parts, block, sum_c, sqdev_c, mean_out, m2_out):
     """``channel_stats_interleaved`` on the calling thread (small batches)."""
     xw = widen(x, wide)
     work = np.empty((parts, 4, xw.shape[1]))
     for p in range(parts):
-        _interleaved_part(xw, p, parts, block, unroll, work[p])
-    _finish_interleaved(x, wide, parts, block, unroll, work, mean_out, m2_out)
+        _interleaved_part(xw, p, parts, block, sum_c, sqdev_c, work[p])
+    _finish_interleaved(x, wide, parts, block, sum_c, sqdev_c, work, mean_out, m2_out)
 
 
 @njit(cache=True)
-def _interleaved_part(xw, p, parts, block, unroll, work):
+def _interleaved_part(xw, p, parts, block, sum_c, sqdev_c, work):
     """Part ``p`` of ``parts`` of the wide rows ``xw``: its (mean, M2) into
     ``work[0]``, ``work[1]`` (``work[2:4]``: scratch)."""
     ow = xw.shape[0]
     step = -(-ow // parts)
     r0 = min(ow, p * step)
     r1 = min(ow, r0 + step)
-    interleaved_part_moments(xw, r0, r1, max(1, block // xw.shape[1]), unroll, work[0], work[1],
+    interleaved_part_moments(xw, r0, r1, max(1, block // xw.shape[1]), sum_c, sqdev_c, work[0], work[1],
                              work[2], work[3])
