@@ -59,6 +59,10 @@ EPILOGUES = {"forward-train+relu": ("forward-train", "relu", False),
              "backward-train+relu": ("backward-train", "relu", False)}
 
 
+#: ``--dtype both`` and ``--dtype all``.
+DTYPE_SETS = {"both": ["float32", "float64"], "all": ["float32", "float64", "float16", "bfloat16"]}
+
+
 def _tol(dtype):
     return TOL.get(dtype, TOL.get(dtype.name))
 
@@ -457,8 +461,7 @@ def main(argv=None):
 
     rounds = args.rounds or (3 if args.quick else 11)
     torch = None if args.no_torch else _torch(numba.get_num_threads())
-    dtypes = {"both": ["float32", "float64"],
-              "all": ["float32", "float64", "float16", "bfloat16"]}.get(args.dtype, [args.dtype])
+    dtypes = DTYPE_SETS.get(args.dtype, [args.dtype])
     dtypes = [d for d in dtypes if _dtype(d) is not None]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rng = np.random.default_rng(0)

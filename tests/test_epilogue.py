@@ -32,11 +32,17 @@ def _forward(kw, activation, residual):
     return res, kw["running_mean"], kw["running_var"]
 
 
-@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+#: Every kernel path in float32; float64 (the same code, compiled again) on the
+#: serial path here and on every path in the bitwise test below: each path,
+#: dtype and epilogue is a kernel of its own to compile on a cold CI machine.
+DTYPE_PATHS = [(np.float32, p) for p in KERNEL_PATHS] + [(np.float64, "serial")]
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("activation,add", EPILOGUES, ids=EPILOGUE_IDS)
 @pytest.mark.parametrize("shape,axis", LAYOUT_PARAMS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,path", DTYPE_PATHS,
+                         ids=[f"{np.dtype(d).name}-{p}" for d, p in DTYPE_PATHS])
 def test_forward_matches_reference(rng, monkeypatch, dtype, shape, axis, activation, add,
                                    training, path):
     use_path(monkeypatch, path)

@@ -4,10 +4,10 @@ A forward kernel computes ``out = act(bn(x) + residual)``; a backward kernel
 reads ``g = dy * (forward_out > 0)`` for ``dy`` and may write ``g`` to
 ``grad_residual``.  Each optional operand (``residual``, ``relu``,
 ``forward_out``, ``grad_residual``) is either ``None`` or present (an array;
-``relu`` is ``True``), and these ``overload``\\ s branch on its *type*, so a
-call without epilogue compiles to exactly the code it had before any
-existed, and every combination is its own specialization, compiled the first
-time it is called.  ``plain(...)`` is true, at compile time, when nothing
+the activation a bool, the ReLU when True, once any forward epilogue is
+present), and these ``overload``\\ s branch on its *type*, so a call without
+epilogue compiles to exactly the code it had before any existed, and every
+combination is its own specialization, compiled the first time it is called.  ``plain(...)`` is true, at compile time, when nothing
 but float32/float64 data and no epilogue is involved: only those calls use
 the streaming-store intrinsics (``streaming``), which know those two dtypes.
 """
@@ -33,18 +33,25 @@ def _none(t):
 
 
 def finish(v, residual, i, act):
-    """``act(v + residual[i])``: ``residual`` and ``act`` may be None."""
+    """``act(v + residual[i])``: ``residual`` may be None; ``act`` is None (no
+    activation) or a bool, the ReLU when True."""
+
+
+@njit(cache=True)
+def _activate(v, act):
+    return relu(v) if act else v
 
 
 @overload(finish, inline="always")
 def _finish(v, residual, i, act):
+    # ``act`` is a run-time bool once any epilogue is present, so that the
+    # residual add with and without the ReLU is one specialization, not two
+    # (fewer kernels to compile; the test is loop-invariant).
     if _none(residual) and _none(act):
         return lambda v, residual, i, act: v
     if _none(residual):
-        return lambda v, residual, i, act: relu(v)
-    if _none(act):
-        return lambda v, residual, i, act: v + load(residual[i])
-    return lambda v, residual, i, act: relu(v + load(residual[i]))
+        return lambda v, residual, i, act: _activate(v, act)
+    return lambda v, residual, i, act: _activate(v + load(residual[i]), act)
 
 
 def grad(dy, forward_out, i):

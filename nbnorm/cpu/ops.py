@@ -210,11 +210,17 @@ def _train_parallel(x, n, w, b, eps, on_nonfinite, out, res, act):
 _POLICY = {"propagate": fwd.PROPAGATE, "skip": fwd.SKIP, "raise": fwd.RAISE}
 
 
+def _act(residual, relu):
+    """The kernels' activation argument: None without any epilogue (the plain
+    kernels), else the bool (``epilogue.finish``)."""
+    return bool(relu) if relu or residual is not None else None
+
+
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
                   out, mean, invstd, on_nonfinite="propagate", residual=None, relu=False):
     """A training step on canonical views: ``out = act(bn(x) + residual)``
     (``residual`` None or a view like ``x``; ``act`` the ReLU when ``relu``)."""
-    act = True if relu else None  # the kernels' epilogue flag: None or present
+    act = _act(residual, relu)
     C = x.shape[1]
     n = x.size // C
     serial = x.size <= config.SERIAL_MAX
@@ -267,7 +273,7 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd,
                   residual=None, relu=False):
     """Inference on canonical views, with the epilogue of ``forward_train``."""
-    act = True if relu else None
+    act = _act(residual, relu)
     C = x.shape[1]
     if x.size <= config.SERIAL_MAX:  # one kernel call: ~4 us less than the NumPy below
         w, b = _param_as_is(weight), _param_as_is(bias)
