@@ -26,9 +26,7 @@ import sys
 
 import numpy as np
 
-F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
-F64 = np.dtype(np.float64)
 
 #: What the kernels see for each half dtype (by name: ``bfloat16`` needs ml_dtypes).
 _HALF_STORAGE = {"float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.int16)}
@@ -51,10 +49,6 @@ def _is_bfloat16(dt):
     return dt.kind == "V" and dt.name == "bfloat16" and dt == bfloat16()
 
 
-def is_half(dt):
-    return dt.itemsize == 2 and is_float(dt)
-
-
 def check_data(dt, name):
     """``TypeError`` unless ``dt`` is one of the data dtypes above."""
     if not is_float(dt):
@@ -66,11 +60,6 @@ def check_data(dt, name):
 def stat_dtype(dt):
     """The dtype of the per-channel results (mean, invstd, grad_weight, grad_bias)."""
     return F32 if dt.itemsize == 2 else dt
-
-
-def storage(dt):
-    """The dtype the CPU kernels see for data of dtype ``dt``."""
-    return _HALF_STORAGE[dt.name] if dt.itemsize == 2 else dt
 
 
 def kernel_view(a):

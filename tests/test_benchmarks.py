@@ -34,10 +34,9 @@ SELFCHECK_DTYPES = ["float32", "float16"]
 def test_selfcheck_quick_runs_and_reports_every_kernel():
     """``python -m nbnorm --quick``: checks pass, every kernel and layout is in the table."""
     proc = subprocess.run([sys.executable, "-c",
-                           "import sys; from nbnorm.bench import main, _dtype; "
-                           "import nbnorm.bench as b; "
+                           "import sys; import nbnorm.bench as b; "
                            f"b.DTYPE_SETS['all'] = {SELFCHECK_DTYPES!r}; "
-                           "sys.exit(main(['--quick', '--rounds', '1']))"],
+                           "sys.exit(b.main(['--quick', '--rounds', '1']))"],
                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout

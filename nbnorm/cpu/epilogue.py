@@ -17,6 +17,7 @@ from numba.extending import overload
 
 from .. import channel
 from .convert import load, store
+from .stats import widen
 
 #: Called, not inlined into Numba's IR: its branch would be (IR inlining of
 #: functions with branches trips Numba's internal checks); LLVM inlines it.
@@ -113,17 +114,6 @@ def _row(a, r):
     return lambda a, r: a[r]
 
 
-def flat(a):
-    """``a.reshape(-1)`` of a C-contiguous array, or None for None."""
-
-
-@overload(flat, inline="always")
-def _flat(a):
-    if _none(a):
-        return lambda a: None
-    return lambda a: a.reshape(-1)
-
-
 def wide(a, w):
     """``a``'s first ``outer // w * w`` rows as rows of ``w * C`` (``stats.widen``), or None."""
 
@@ -132,11 +122,7 @@ def wide(a, w):
 def _wide(a, w):
     if _none(a):
         return lambda a, w: None
-
-    def impl(a, w):
-        outer, C = a.shape
-        return a[:outer // w * w].reshape((outer // w, w * C))
-    return impl
+    return lambda a, w: widen(a, w)
 
 
 def plain(y, *optional):
