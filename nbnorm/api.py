@@ -39,6 +39,16 @@ class BackwardResult(NamedTuple):
     grad_bias: object
 
 
+class Moments(NamedTuple):
+    """The mergeable statistics of a batch, per channel: ``count`` values (an
+    int, the same for every channel), their float64 ``mean`` and ``m2``, the
+    sum of squared deviations from that mean (``var = m2 / count``)."""
+
+    count: int
+    mean: object
+    m2: object
+
+
 # ---------------------------------------------------------------- the device
 # Device follows the data: arrays on a CUDA device (``__cuda_array_interface__``:
 # Numba device arrays, CuPy, PyTorch CUDA tensors; or device arrays of Numba's
@@ -297,10 +307,73 @@ def _batch_count(x, axis, training):
     if x.size == 0:
         raise ValueError(f"expected a non-empty input, got shape {tuple(x.shape)}")
     n = x.size // x.shape[axis]
-    if training and n <= 1:
-        raise ValueError("expected more than 1 value per channel when training, "
-                         f"got input size {tuple(x.shape)}")
+    _enough_values(n, training, f"input size {tuple(x.shape)}")
     return n
+
+
+def _enough_values(n, training, what):
+    """Training normalizes by a variance, which needs more than one value per channel."""
+    if training and n <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got {what}")
+
+
+def _count(value, name, training):
+    """A count of values per channel (``moments.count``, ``backward``'s ``count``):
+    an int >= 0, more than 1 when ``training``."""
+    if type(value) is int and value > 1:  # the usual case
+        return value
+    if isinstance(value, (bool, np.bool_)):  # an int to Python, never a count
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    _enough_values(v, training, f"{name}={v}")
+    return v
+
+
+def _items(value, name, fields):
+    """The items of ``value``, a sequence of ``len(fields)`` (a ``Moments``, a
+    pair of sums), unchecked; ``fields`` names them in the message."""
+    if type(value) is Moments or (type(value) is tuple and len(value) == len(fields)):
+        return value  # the usual case
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if len(items) != len(fields) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence ({', '.join(fields)}), got "
+                        f"{type(value).__name__}")
+    return items
+
+
+def _required_channels(a, name, C, dev):
+    """A per-channel float array that must be given (``moments``' mean and m2,
+    ``sums``): ``_channel_input``, for which None means "not given"."""
+    if a is None:
+        raise TypeError(f"{name} must be an array of shape ({C},), got None")
+    return _channel_input(a, name, C, dev)
+
+
+def _sum_pair(pair, name, C, dev):
+    """``sums``/``local_sums`` (unpacked by ``_items``): two per-channel arrays."""
+    return (_required_channels(pair[0], f"{name}[0] ({_SUMS[0]})", C, dev),
+            _required_channels(pair[1], f"{name}[1] ({_SUMS[1]})", C, dev))
+
+
+def _forward_out(forward_out, relu, x, dev):
+    """``forward_out``: required with ``activation="relu"`` (its sign is the
+    mask), refused without it."""
+    if forward_out is None:
+        if relu:
+            raise ValueError("activation='relu' needs forward_out (forward's out), whose "
+                             "sign is the ReLU's mask")
+        return None
+    if not relu:
+        raise ValueError("forward_out is only read with activation='relu'")
+    return _like_x(forward_out, "forward_out", x, dev)
 
 
 def _running(running_mean, running_var, C, training, dev):
@@ -459,16 +532,18 @@ def _nothing():
 # ------------------------------------------------------------------- public
 
 _FORWARD_ARRAYS = ("x", "weight", "bias", "running_mean", "running_var", "out", "mean",
-                   "invstd", "residual")
+                   "invstd", "residual", "moments.mean", "moments.m2")
 _BACKWARD_ARRAYS = ("grad_out", "x", "mean", "invstd", "weight", "grad_input",
-                    "grad_weight", "grad_bias", "forward_out", "grad_residual")
+                    "grad_weight", "grad_bias", "forward_out", "grad_residual",
+                    "sums[0]", "sums[1]", "local_sums[0]", "local_sums[1]")
+_SUMS = ("sum_dy", "sum_dy_xmu")
 _FORWARD_MAY_BE = frozenset({("out", "x"), ("out", "residual")})
 _BACKWARD_MAY_BE = frozenset({("grad_input", "grad_out"), ("grad_residual", "grad_out")})
 
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-            training=True, momentum=0.1, eps=1e-5, axis=1,
-            out=None, mean=None, invstd=None, on_nonfinite="propagate",
+            training=True, momentum=0.1, unbiased=True, eps=1e-5, axis=1,
+            out=None, mean=None, invstd=None, moments=None, on_nonfinite="propagate",
             activation=None, residual=None, stream=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
@@ -483,11 +558,15 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     running_mean, running_var : ndarray of shape ``(C,)``, optional
         Running statistics (any float dtype), both or neither.  Updated in place
         when training: ``running = (1 - momentum) * running + momentum * batch``,
-        with the unbiased batch variance.  Required for inference.
+        with the unbiased batch variance (``unbiased``).  Required for inference.
     training : bool
         Normalize with the batch statistics (True) or the running ones.
     momentum : float in [0, 1]
         The weight of the new batch (PyTorch's convention; Keras' ``m`` is ``1 - m``).
+    unbiased : bool
+        ``running_var`` takes the unbiased batch variance ``M2 / (n - 1)``
+        (True: PyTorch, cuDNN) or the biased one ``M2 / n`` (False: Keras 3,
+        Flax, ONNX).  The normalization itself always uses the biased one.
     eps : float > 0
         Added to the variance: ``invstd = 1 / sqrt(var + eps)``.
     axis : int
@@ -499,6 +578,15 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         allocates has ``x``'s memory order (Fortran, ``channels_last``,
         transposes: PyTorch's ``preserve_format``); C order when ``x`` is not
         contiguous in any axis order (gaps, negative strides).
+    moments : Moments, optional
+        Training only: normalize with these statistics instead of ``x``'s own
+        (``moments``/``merge_moments``: those of a batch spread over several
+        processes), and update the running statistics with them and their
+        count.  ``x`` may then have no rows.  ``on_nonfinite`` and "more than
+        1 value per channel" are decided on ``moments``, so every process that
+        passes the same merged moments decides the same.  Any
+        ``(count, mean, m2)``: ``count`` an int, ``mean`` and ``m2`` of shape
+        ``(C,)``, any float dtype, on ``x``'s device.
     on_nonfinite : {"propagate", "skip", "raise"}
         What a training step does when a channel's batch mean or variance is not
         finite (NaN/inf in ``x``).  ``"propagate"`` (PyTorch's behaviour): NaN/inf
@@ -536,23 +624,35 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     ValueError
         Shape or axis mismatches, training with one value per channel, inference
         without running statistics, read-only or overlapping outputs, ``eps`` or
-        ``momentum`` out of range, an unknown ``on_nonfinite`` or ``activation``.
-        Nothing has been written when it raises.
+        ``momentum`` out of range, an unknown ``on_nonfinite`` or ``activation``,
+        ``moments`` in inference or with a negative count.  Nothing has been
+        written when it raises.
     FloatingPointError
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
+    given = None if moments is None else _items(moments, "moments", Moments._fields)
     be = _backend(_FORWARD_ARRAYS,
-                  (x, weight, bias, running_mean, running_var, out, mean, invstd, residual),
+                  (x, weight, bias, running_mean, running_var, out, mean, invstd, residual,
+                   *((None, None) if given is None else given[1:])),
                   stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
+    unbiased = _flag(unbiased, "unbiased")
     on_nonfinite = guard.check_policy(on_nonfinite)
     relu = _activation(activation)
-    _batch_count(x, ax, training)
+    if given is None:
+        _batch_count(x, ax, training)
+    elif not training:
+        raise ValueError("moments= is for training: inference normalizes with the running "
+                         "statistics")
+    else:
+        given = (_count(given[0], "moments.count", training),
+                 _required_channels(given[1], "moments.mean", C, dev),
+                 _required_channels(given[2], "moments.m2", C, dev))
     momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
     weight = _channel_input(weight, "weight", C, dev)
@@ -567,15 +667,16 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         mean = _writable(mean, "mean", (C,), sdt, dev)
     if invstd is not None:
         invstd = _writable(invstd, "invstd", (C,), sdt, dev)
+    m_mean, m_m2 = (None, None) if given is None else given[1:]
     if ((out is not None or mean is not None or invstd is not None
          or (training and running_mean is not None))  # else no output to check
             and (dev or not _separate((x, weight, bias, running_mean, running_var, out, mean,
-                                       invstd, residual)))):
+                                       invstd, residual, m_mean, m_m2)))):
         running = (("running_mean", running_mean), ("running_var", running_var))
         _check_aliasing(
             (("out", out), ("mean", mean), ("invstd", invstd), *(running if training else ())),
             (("x", x), ("weight", weight), ("bias", bias), ("residual", residual),
-             *(() if training else running)),
+             ("moments.mean", m_mean), ("moments.m2", m_m2), *(() if training else running)),
             _FORWARD_MAY_BE, dev)
 
     lay = be.views.plan(x, ax)
@@ -585,6 +686,8 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     kw = be.kw
     if residual is not None or relu:
         kw = dict(kw, residual=_kernel_input(residual, lay, be), relu=relu)
+    if given is not None or not unbiased:
+        kw = dict(kw, correction=1.0 if unbiased else 0.0, moments=given)
     if training:
         be.ops.forward_train(x3, weight, bias, eps, momentum, running_mean, running_var,
                              out3, mean, invstd, on_nonfinite, **kw)
@@ -597,7 +700,8 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
 
 def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
              grad_input=None, grad_weight=None, grad_bias=None, activation=None,
-             forward_out=None, grad_residual=None, stream=None):
+             forward_out=None, grad_residual=None, sums=None, count=None, local_sums=None,
+             stream=None):
     """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``
     (and ``residual``).
 
@@ -632,6 +736,19 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         Receives the gradient with respect to ``forward``'s ``residual``: the
         masked ``grad_out`` (``grad_out`` itself without an activation), in the
         same pass.  ``grad_residual=grad_out`` is allowed.
+    sums : pair of arrays of shape ``(C,)``, optional
+        Training only: the ``(sum_dy, sum_dy_xmu)`` of ``backward_sums`` added
+        over every process's batch, that ``grad_input`` uses instead of this
+        batch's own (synchronized batch norm); requires ``count``.  ``x`` may
+        then have no rows.  Only the elementwise pass runs when ``local_sums``
+        is given too.
+    count : int, optional
+        With ``sums``: the number of values per channel they are summed over
+        (the merged ``Moments.count``), more than 1.
+    local_sums : pair of arrays of shape ``(C,)``, optional
+        With ``sums``: this batch's own ``backward_sums``, from which
+        ``grad_weight`` and ``grad_bias`` are computed; without it they are
+        reduced here (one more pass over ``grad_out`` and ``x``).
     stream : CUDA stream, optional
         Device arrays only, as for ``forward``.
 
@@ -641,37 +758,53 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         ``(grad_input, grad_weight, grad_bias)`` with ``grad_weight =
         sum(g * (x - mean) * invstd)`` and ``grad_bias = sum(g)`` over every
         axis but ``axis``, ``g`` the (masked) ``grad_out``; returned whether or
-        not ``weight`` is given.
+        not ``weight`` is given.  With ``sums`` they are still this batch's
+        own sums (PyTorch's ``SyncBatchNorm``: the training loop's gradient
+        all-reduce adds them), zeros for a batch without rows.
 
     Raises
     ------
     TypeError, ValueError
         As for ``forward``, and ``activation="relu"`` without ``forward_out``;
-        nothing has been written when it raises.
+        ``sums`` in inference, without ``count`` (or ``count``/``local_sums``
+        without ``sums``), a ``count`` of 1 or less; nothing has been written
+        when it raises.
     """
+    if sums is None:
+        if count is not None or local_sums is not None:
+            raise ValueError("count= and local_sums= go with sums=")
+        given = ()
+    else:
+        sums = _items(sums, "sums", _SUMS)
+        local = () if local_sums is None else _items(local_sums, "local_sums", _SUMS)
+        given = (*sums, *local)
     be = _backend(_BACKWARD_ARRAYS,
                   (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias,
-                   forward_out, grad_residual), stream)
+                   forward_out, grad_residual, *given), stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     training = _flag(training, "training")
     relu = _activation(activation)
-    _batch_count(x, ax, training)
+    if sums is None:
+        _batch_count(x, ax, training)
+    elif not training:
+        raise ValueError("sums= is for training: the inference-mode gradient has no sums")
+    else:
+        if count is None:
+            raise ValueError("sums= needs count=, the number of values they sum per channel")
+        count = _count(count, "count", training)
+        sums = _sum_pair(sums, "sums", C, dev)
+        if local_sums is not None:
+            local_sums = _sum_pair(local, "local_sums", C, dev)
     grad_out = _like_x(grad_out, "grad_out", x, dev, required=True)
     if mean is None or invstd is None:
         raise ValueError("backward needs the mean and invstd that forward returned")
     mean = _channel_input(mean, "mean", C, dev)
     invstd = _channel_input(invstd, "invstd", C, dev)
     weight = _channel_input(weight, "weight", C, dev)
-    if relu and forward_out is None:
-        raise ValueError("activation='relu' needs forward_out (forward's out), whose sign "
-                         "is the ReLU's mask")
-    if forward_out is not None and not relu:
-        raise ValueError("forward_out is only read with activation='relu'")
-    if forward_out is not None:
-        forward_out = _like_x(forward_out, "forward_out", x, dev)
+    forward_out = _forward_out(forward_out, relu, x, dev)
     sdt = dtypes.stat_dtype(x.dtype)
     if grad_input is not None:
         grad_input = _writable(grad_input, "grad_input", x.shape, x.dtype, dev)
@@ -681,15 +814,18 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         grad_bias = _writable(grad_bias, "grad_bias", (C,), sdt, dev)
     if grad_residual is not None:
         grad_residual = _writable(grad_residual, "grad_residual", x.shape, x.dtype, dev)
+    given = (*(sums or ()), *(local_sums or ()))
     if ((grad_input is not None or grad_weight is not None or grad_bias is not None
          or grad_residual is not None)
             and (dev or not _separate((grad_out, x, mean, invstd, weight, forward_out,
-                                       grad_input, grad_weight, grad_bias, grad_residual)))):
+                                       grad_input, grad_weight, grad_bias, grad_residual,
+                                       *given)))):
         _check_aliasing(
             (("grad_input", grad_input), ("grad_weight", grad_weight),
              ("grad_bias", grad_bias), ("grad_residual", grad_residual)),
             (("grad_out", grad_out), ("x", x), ("mean", mean), ("invstd", invstd),
-             ("weight", weight), ("forward_out", forward_out)),
+             ("weight", weight), ("forward_out", forward_out),
+             *zip(("sums[0]", "sums[1]", "local_sums[0]", "local_sums[1]"), given)),
             _BACKWARD_MAY_BE, dev)
 
     lay = be.views.plan(x, ax)
@@ -703,8 +839,160 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
     if relu or grad_residual is not None:
         gr3, finish_residual = _kernel_output(grad_residual, lay, be)
         kw = dict(kw, forward_out=_kernel_input(forward_out, lay, be), grad_residual=gr3)
+    if sums is not None:
+        kw = dict(kw, sums=sums, count=count, local_sums=local_sums)
     be.ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias,
                     **kw)
     finish()
     finish_residual()
     return BackwardResult(grad_input, grad_weight, grad_bias)
+
+
+def moments(x, *, axis=1, stream=None):
+    """The mergeable statistics of ``x`` per channel: what a training step
+    normalizes with, as numbers that merge exactly across batches.
+
+    Parameters
+    ----------
+    x : array, floating point, ``ndim >= 2``
+        A batch as ``forward`` takes it (any dtype and memory order it reads).
+        It may have no rows (N=0): its count is then 0.
+    axis : int
+        The channel axis.
+    stream : CUDA stream, optional
+        Device arrays only, as for ``forward``.
+
+    Returns
+    -------
+    Moments
+        ``(count, mean, m2)``: ``count`` the values per channel (a Python int),
+        ``mean`` and ``m2`` (the sum of squared deviations from ``mean``)
+        float64 arrays of shape ``(C,)``, zeros for a batch without values.
+        Bitwise the statistics ``forward(x)`` normalizes with (blocked
+        two-pass sums, Chan-merged: no ``E[x^2] - E[x]^2``).  For ``x`` on a
+        CUDA device they are device arrays, computed on ``stream`` without
+        waiting for it (copy them to the host to send them over MPI: 2C + 1
+        numbers).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for ``forward``'s ``x`` and ``axis``.
+    """
+    be = _backend(("x",), (x,), stream)
+    x = _data(x, be.device)
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    count = math.prod(x.shape[:ax]) * math.prod(x.shape[ax + 1:])
+    lay = be.views.plan(x, ax)
+    mean, m2 = be.ops.moments(_kernel_input(x, lay, be), **be.kw)
+    return Moments(count, mean, m2)
+
+
+def merge_moments(seq, *, stream=None):
+    """The ``Moments`` of the union of batches, merged in the given order.
+
+    Chan's formula (``n = na + nb``, ``mean = ma + d * nb / n``, ``m2 = m2a +
+    m2b + d * d * na * nb / n``, ``d = mb - ma``) folded left to right: every
+    process that merges the same list in the same order gets the same bits.
+
+    Parameters
+    ----------
+    seq : sequence of Moments
+        At least one; each a ``Moments`` or any ``(count, mean, m2)`` with
+        ``count`` an int >= 0 and ``mean``, ``m2`` of one shape ``(C,)`` for
+        all, any float dtype (computed in float64), all on the host or all on
+        one CUDA device.  An entry of count 0 (a process without rows) changes
+        nothing, whatever its ``mean`` and ``m2``; merging a single entry
+        returns its values.
+    stream : CUDA stream, optional
+        Device arrays only, as for ``forward``.
+
+    Returns
+    -------
+    Moments
+        New float64 arrays (on the entries' device); count 0 and zeros when
+        every entry is empty.
+
+    Raises
+    ------
+    TypeError
+        A non-sequence entry, a non-integer count, non-float arrays.
+    ValueError
+        An empty ``seq``, a negative count, arrays of different lengths or not
+        1-dimensional.
+    """
+    entries = [_items(m, f"seq[{i}]", Moments._fields) for i, m in enumerate(seq)]
+    if not entries:
+        raise ValueError("merge_moments needs at least one Moments")
+    names = [f"seq[{i}].{f}" for i in range(len(entries)) for f in ("mean", "m2")]
+    be = _backend(names, [a for e in entries for a in e[1:]], stream)
+    dev = be.device
+    first = entries[0][1]
+    if first is None:
+        raise TypeError("seq[0].mean must be an array of one value per channel, got None")
+    shape = tuple(first.shape) if dev else np.shape(first)
+    if len(shape) != 1:
+        raise ValueError(f"seq[0].mean must be 1-dimensional (one value per channel), "
+                         f"got shape {shape}")
+    C = shape[0]
+    checked = [(_count(n, f"seq[{i}].count", False),
+                _required_channels(m, f"seq[{i}].mean", C, dev),
+                _required_channels(q, f"seq[{i}].m2", C, dev))
+               for i, (n, m, q) in enumerate(entries)]
+    return Moments(*be.ops.merge_moments(checked, C, **be.kw))
+
+
+def backward_sums(grad_out, x, mean, invstd=None, *, axis=1, activation=None,
+                  forward_out=None, stream=None):
+    """The reductions of training-mode ``backward``: ``(sum_dy, sum_dy_xmu)``.
+
+    ``sum_dy = sum(g)`` and ``sum_dy_xmu = sum(g * (x - mean))`` per channel
+    over every axis but ``axis``, ``g`` the (masked) ``grad_out``: what
+    synchronized batch norm adds over processes (one all-reduce of 2C values)
+    before ``backward(..., sums=, count=)``.  One pass over ``grad_out`` and
+    ``x``, the one ``backward`` makes, with its bits.
+
+    Parameters
+    ----------
+    grad_out, x, mean : as for ``backward``
+        ``x`` may have no rows (its sums are then 0).
+    invstd : array of shape ``(C,)``, optional
+        Not needed by the sums; accepted (and checked) so that the call takes
+        ``backward``'s leading arguments.
+    axis : int
+        The channel axis.
+    activation, forward_out : as for ``backward``
+        With ``activation="relu"`` the sums are of ``grad_out`` masked by
+        ``forward_out > 0``.
+    stream : CUDA stream, optional
+        Device arrays only, as for ``forward``.
+
+    Returns
+    -------
+    tuple
+        ``(sum_dy, sum_dy_xmu)``: float64 arrays of shape ``(C,)``, device
+        arrays for device input.  This batch's ``grad_bias`` is ``sum_dy`` and
+        its ``grad_weight`` ``sum_dy_xmu * invstd``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for ``backward``; nothing is written.
+    """
+    be = _backend(("grad_out", "x", "mean", "invstd", "forward_out"),
+                  (grad_out, x, mean, invstd, forward_out), stream)
+    dev = be.device
+    x = _data(x, dev)
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    relu = _activation(activation)
+    grad_out = _like_x(grad_out, "grad_out", x, dev, required=True)
+    if mean is None:
+        raise ValueError("backward_sums needs the mean that forward returned")
+    mean = _channel_input(mean, "mean", C, dev)
+    _channel_input(invstd, "invstd", C, dev)
+    forward_out = _forward_out(forward_out, relu, x, dev)
+    lay = be.views.plan(x, ax)
+    return tuple(be.ops.backward_sums(_kernel_input(grad_out, lay, be), _kernel_input(x, lay, be),
+                                      mean, _kernel_input(forward_out, lay, be), **be.kw))

@@ -59,11 +59,15 @@ def invstd(m2, n, eps):
     return 1.0 / sqrt(m2 / n + eps)
 
 
-def running_update(running_mean, running_var, momentum, mean, m2, n):
-    """PyTorch's running statistics after a batch: ``(1 - momentum) * running +
-    momentum * batch``, with the unbiased batch variance ``m2 / (n - 1)``."""
+def running_update(running_mean, running_var, momentum, mean, m2, n, correction):
+    """The running statistics after a batch: ``(1 - momentum) * running +
+    momentum * batch``, with the batch variance ``m2 / (n - correction)``:
+    1.0 is PyTorch's and cuDNN's unbiased variance, 0.0 the biased one of
+    Keras 3, Flax and ONNX.  A float argument, not a compile-time choice, so
+    both share one compiled kernel (``m2 / (n - 1.0)`` is bitwise
+    ``m2 / (n - 1)``)."""
     return ((1.0 - momentum) * running_mean + momentum * mean,
-            (1.0 - momentum) * running_var + momentum * (m2 / (n - 1)))
+            (1.0 - momentum) * running_var + momentum * (m2 / (n - correction)))
 
 
 def finite(v):

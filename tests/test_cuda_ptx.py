@@ -79,6 +79,7 @@ for kind, st in STORAGE.items():
 # per-channel kernels: parameters of every float dtype, contiguous or strided,
 # and bfloat16 parameters as int16 bits
 entries.append(("merge_stats", "float64", None, {}, finalize.merge_stats, (P3, M2)))
+entries.append(("merge_sums", "float64", None, {}, finalize.merge_sums, (P3, M2)))
 for pk, pt in (("float", types.float32), ("float", types.float64), ("float", types.float16),
                ("bfloat16", types.int16)):
     for layout in ("C", "A"):
@@ -88,11 +89,25 @@ for pk, pt in (("float", types.float32), ("float", types.float64), ("float", typ
             meta = {"param": str(pt), "layout": layout}
             ks = finalize.kernels(pk, pk, pk, pk, pk)
             entries.append(("finalize_train", str(out), None, meta, ks["finalize_train"],
-                            (P3, f64, f64, f64, W, W, W, W, i64, V, V, M2)))
+                            (P3, V, V, f64, f64, f64, f64, W, W, W, W, i64, V, V, M2)))
             entries.append(("finalize_infer", str(out), None, meta, ks["finalize_infer"],
                             (W, W, f64, W, W, i64, V, V, M2)))
             entries.append(("finalize_backward", str(out), None, meta,
-                            ks["finalize_backward"], (P3, f64, W, W, W, i64, V, V, M2)))
+                            ks["finalize_backward"],
+                            (P3, V, V, V, V, f64, W, W, W, i64, V, V, M2)))
+            # statistics given by the caller: moments (forward), global and local sums
+            given = {**meta, "given": True}
+            entries.append(("finalize_train", str(out), None, given,
+                            finalize.train_kernel(pk, pk, pk, pk, (pk, pk)),
+                            (W, W, W, f64, f64, f64, f64, W, W, W, W, i64, V, V, M2)))
+            entries.append(("finalize_backward", str(out), None, given,
+                            finalize.backward_kernel(pk, pk, pk, (pk, pk)),
+                            (P3, W, W, V, V, f64, W, W, W, i64, V, V, M2)))
+            entries.append(("finalize_backward", str(out), None, {**given, "local": True},
+                            finalize.backward_kernel(pk, pk, pk, (pk, pk), (pk, pk)),
+                            (W, W, W, W, W, f64, W, W, W, i64, V, V, M2)))
+        entries.append(("merge_moments", "float64", None, meta,
+                        finalize.merge_moments_kernel(pk, pk), (f64, f64, W, W, M2)))
 
 LOAD2 = re.compile(r"\bld\.global(?:\.nc)?\.[bu]16\b")
 STORE2 = re.compile(r"\bst\.global\.[bu]16\b")
@@ -116,7 +131,8 @@ ELEMENTWISE = {"normalize_planar", "normalize_interleaved",
                "grad_input_planar", "grad_input_interleaved"}
 REDUCTIONS = {"channel_stats_planar", "channel_stats_interleaved",
               "backward_reduce_planar", "backward_reduce_interleaved"}
-PER_CHANNEL = {"merge_stats", "finalize_train", "finalize_infer", "finalize_backward"}
+PER_CHANNEL = {"merge_stats", "merge_sums", "merge_moments", "finalize_train",
+               "finalize_infer", "finalize_backward"}
 KINDS = ("float16", "bfloat16", "float32", "float64")
 
 

@@ -119,6 +119,39 @@ def batch_moments(x, serial=False):
     return mean, m2
 
 
+def moments(x):
+    """float64 ``(mean, M2)`` per channel of a canonical view (``nbnorm.moments``):
+    bitwise what a training step of ``x`` normalizes with; zeros for a view
+    without values.  Small batches on the calling thread (``batch_moments``'
+    ``serial``, the same bits)."""
+    C = x.shape[1]
+    if x.size == 0:
+        return np.zeros(C), np.zeros(C)
+    if x.size <= config.SERIAL_MAX:
+        return batch_moments(x, serial=True)
+    with launching():
+        return batch_moments(x)
+
+
+def merge_moments(entries, C):
+    """``(count, mean, M2)`` of the ``(count, mean, m2)`` ``entries`` (host arrays
+    of ``C`` floats, any float dtype) merged in the given order with
+    ``channel.chan_merge``.  An entry of count 0 changes nothing; the first
+    entry with values is taken as it is (as float64), so merging one entry gives
+    its own bits.  New float64 arrays."""
+    n, mu, m2 = 0, None, None
+    for nb, mb, qb in entries:
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mu, m2 = nb, np.array(mb, np.float64), np.array(qb, np.float64)
+        else:
+            n, mu, m2 = channel.on_arrays.chan_merge(n, mu, m2, nb, mb, qb)
+    if n == 0:
+        return 0, np.zeros(C), np.zeros(C)
+    return n, mu, m2
+
+
 def _stream(out):
     """Whether a parallel pass writes ``out`` with streaming stores (``streaming``):
     when it is too large to stay in cache for its reader anyway."""
@@ -217,12 +250,15 @@ def _act(residual, relu):
 
 
 def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
-                  out, mean, invstd, on_nonfinite="propagate", residual=None, relu=False):
+                  out, mean, invstd, on_nonfinite="propagate", residual=None, relu=False,
+                  correction=1.0, moments=None):
     """A training step on canonical views: ``out = act(bn(x) + residual)``
-    (``residual`` None or a view like ``x``; ``act`` the ReLU when ``relu``)."""
+    (``residual`` None or a view like ``x``; ``act`` the ReLU when ``relu``),
+    running variance ``m2 / (n - correction)``.  ``moments``: None, or the
+    ``(count, mean, m2)`` to normalize with instead of ``x``'s own (``x`` may
+    then have no values)."""
     act = _act(residual, relu)
     C = x.shape[1]
-    n = x.size // C
     serial = x.size <= config.SERIAL_MAX
     w = _param_as_is(weight) if serial else _param(weight)
     b = _param_as_is(bias) if serial else _param(bias)
@@ -234,40 +270,69 @@ def forward_train(x, weight, bias, eps, momentum, running_mean, running_var,
         rm = rv = _NONE
     else:
         rm, rv = running_mean, running_var
-    if serial:
+    if moments is not None:
+        n, mu, m2 = moments[0], _param(moments[1]), _param(moments[2])
+        keep = guard.running_update_mask(mu, m2, on_nonfinite)  # "raise": before any write
+        if x.size:
+            _normalize_given(x, n, mu, m2, _param(weight), _param(bias), eps, out, residual,
+                             act, serial)
+        fwd.finish_train(mu, m2, n, eps, momentum, mean, invstd, rm, rv,
+                         _ALL if keep is None else keep, correction)
+    elif serial:
+        n = x.size // C
         # One kernel call for the whole step: each call of a Numba kernel costs
         # ~0.5-1 us of dispatch, a tenth of a small call.
         policy = _POLICY[on_nonfinite]
         if x.ndim == 3:
             ok = fwd.train_serial_planar(x, _parts(x), config.BLOCK, eps, momentum, w, b,
-                                         policy, out, mean, invstd, rm, rv, residual, act)
+                                         policy, out, mean, invstd, rm, rv, residual, act,
+                                         correction)
         else:
             wide, parts = stats.interleaved_split(*x.shape)
             ok = fwd.train_serial_interleaved(x, wide, parts, config.BLOCK,
                                               *stats.unroll(x.itemsize), eps, momentum, w, b,
-                                              policy, out, mean, invstd, rm, rv, residual, act)
+                                              policy, out, mean, invstd, rm, rv, residual, act,
+                                              correction)
         if not ok:  # "raise": the same moments again, for the message; nothing written
             guard.running_update_mask(*batch_moments(x, serial=True), on_nonfinite)
         if numpy_running:  # rare: the moments again, bitwise the kernel's
             mu, m2 = batch_moments(x, serial=True)
     else:
+        n = x.size // C
         with launching():
             mu, m2 = _train_parallel(x, n, w, b, eps, on_nonfinite, out, residual, act)
         # on_nonfinite="skip": channels whose statistics are not finite keep their
         # running statistics (the outputs are written either way).
         keep = guard.running_update_mask(mu, m2, on_nonfinite)
         fwd.finish_train(mu, m2, n, eps, momentum, mean, invstd, rm, rv,
-                         _ALL if keep is None else keep)
+                         _ALL if keep is None else keep, correction)
     if numpy_running:
         keep = guard.running_update_mask(mu, m2, on_nonfinite)
         new_mean, new_var = channel.on_arrays.running_update(running_mean.astype(np.float64),
                                                    running_var.astype(np.float64), momentum,
-                                                   mu, m2, n)
+                                                   mu, m2, n, correction)
         if keep is not None:
             new_mean = np.where(keep, new_mean, running_mean)
             new_var = np.where(keep, new_var, running_var)
         running_mean[...] = new_mean
         running_var[...] = new_var
+
+
+def _normalize_given(x, n, mu, m2, w, b, eps, out, res, act, serial):
+    """``out`` of a training step with the given float64 moments ``(n, mu, m2)``
+    (``w``, ``b``: ``_param``s): the normalizing pass alone, serial for small
+    batches.  The coefficients are those of the fused kernels
+    (``forward.scale_shift``), so ``moments=nbnorm.moments(x)`` gives the plain
+    call's bits."""
+    scale, shift = _scale_shift(channel.on_arrays.invstd(m2, n, eps), w, b, x.shape[1])
+    if not serial:
+        with launching():
+            normalize(x, mu, scale, shift, out, res, act)
+    elif x.ndim == 3:
+        fwd.normalize_serial_planar(x, mu, scale, shift, out, res, act)
+    else:
+        fwd.normalize_serial_interleaved(x, stats.interleaved_split(*x.shape)[0], mu, scale,
+                                         shift, out, res, act)
 
 
 def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, invstd,
@@ -293,6 +358,53 @@ def forward_infer(x, weight, bias, eps, running_mean, running_var, out, mean, in
     invstd[...] = inv
 
 
+def _reduce_sums(dy, fo, x, mu, s, sx):
+    """The parallel reduction of ``backward``: ``sum(g)`` and ``sum(g * (x - mu))``
+    per channel into ``s`` and ``sx``, ``g`` = ``dy`` through the ReLU mask of
+    ``fo`` (None: no mask)."""
+    if x.ndim == 3:
+        parts = _parts(x)
+        bwd.backward_reduce_planar(dy, fo, x, mu, parts,
+                                   stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
+    else:
+        wide, parts = stats.interleaved_split(*x.shape)
+        bwd.backward_reduce_interleaved(dy, fo, x, mu, wide, parts, config.ROWS_UNROLL_MIN_C,
+                                        s, sx, _work(parts, 2, wide * x.shape[1]))
+
+
+def backward_sums(dy, x, mean, forward_out=None):
+    """float64 ``(sum(g), sum(g * (x - mean)))`` per channel of canonical views
+    (``nbnorm.backward_sums``), ``g`` = ``dy`` through the ReLU mask of
+    ``forward_out``: the reduction pass of ``backward`` alone, bitwise the sums
+    a training-mode ``backward`` of the same views computes; zeros for views
+    without values."""
+    C = x.shape[1]
+    s = np.zeros(C)
+    sx = np.zeros(C)
+    if x.size:
+        with launching():
+            _reduce_sums(dy, forward_out, x, _param(mean), s, sx)
+    return s, sx
+
+
+def _backward_given(dy, fo, x, mean, invstd, weight, grad_input, gres, grad_weight, grad_bias,
+                    sums, count, local_sums):
+    """Training-mode backward with given ``sums`` of ``count`` values (the whole
+    batch's, over every process): the ``grad_input`` pass alone.
+    ``grad_weight``/``grad_bias`` are this batch's own, from ``local_sums``
+    (reduced here when None), as PyTorch's ``SyncBatchNorm`` returns them."""
+    mu, inv, w = _param(mean), _param(invstd), _param(weight)
+    if local_sums is None:
+        local_sums = backward_sums(dy, x, mu, fo)
+    if x.size:
+        a, b, k = channel.on_arrays.grad_coeffs(count, _param(sums[0]), _param(sums[1]), inv,
+                                                w if w.size else 1.0)
+        with launching():
+            _grad_input_pass(dy, fo, x, mu, a, b, k, grad_input, gres)
+    grad_weight[...] = _param(local_sums[1]) * inv
+    grad_bias[...] = local_sums[0]
+
+
 def _backward_parallel(dy, fo, x, mu, inv, w, training, grad_input, gres, s, sx):
     """The parallel kernels of ``backward``: ``grad_input`` (and ``gres``), and
     ``sum(g)``, ``sum(g * (x - mu))`` per channel into ``s``, ``sx``."""
@@ -303,15 +415,7 @@ def _backward_parallel(dy, fo, x, mu, inv, w, training, grad_input, gres, s, sx)
         bwd.train_planar(dy, fo, x, mu, inv, w, _parts(x), grad_input, gres, s, sx,
                          _stream(grad_input))
         return
-    if planar:
-        parts = _parts(x)
-        bwd.backward_reduce_planar(dy, fo, x, mu, parts,
-                                   stats.planar_group(*x.shape, x.itemsize * 2, parts), s, sx)
-    else:
-        wide, parts = stats.interleaved_split(*x.shape)
-        bwd.backward_reduce_interleaved(dy, fo, x, mu, wide, parts, config.ROWS_UNROLL_MIN_C,
-                                        s, sx,
-                                        _work(parts, 2, wide * C))
+    _reduce_sums(dy, fo, x, mu, s, sx)
     a, b, k = channel.on_arrays.grad_coeffs(n, s, sx, inv, w if w.size else 1.0)
     if training:
         _grad_input_pass(dy, fo, x, mu, a, b, k, grad_input, gres)
@@ -335,9 +439,16 @@ def _mask_first(dy, forward_out, grad_input, grad_residual):
 
 
 def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, grad_bias,
-             forward_out=None, grad_residual=None):
+             forward_out=None, grad_residual=None, sums=None, count=None, local_sums=None):
     """Backward on canonical views.  ``forward_out`` (the ReLU's output, or None)
-    masks ``dy``; ``grad_residual`` (or None) receives the masked gradient."""
+    masks ``dy``; ``grad_residual`` (or None) receives the masked gradient.
+    ``sums``: None, or the ``(sum_dy, sum_dy_xmu)`` of ``count`` values that
+    ``grad_input`` uses instead of this batch's (training mode; ``x`` may then
+    have no values), ``local_sums`` this batch's own or None."""
+    if sums is not None:
+        _backward_given(dy, forward_out, x, mean, invstd, weight, grad_input, grad_residual,
+                        grad_weight, grad_bias, sums, count, local_sums)
+        return
     C = x.shape[1]
     planar = x.ndim == 3
     if not training and (forward_out is not None or grad_residual is not None):

@@ -122,7 +122,10 @@ def _c_strides(shape, itemsize):
 
 
 def _contiguous_in(a, order):
-    """Whether ``a`` is C-contiguous once its axes are put in ``order``."""
+    """Whether ``a`` is C-contiguous once its axes are put in ``order`` (an
+    array without elements is, whatever strides its library gives it)."""
+    if a.size == 0:
+        return True
     expected = a.dtype.itemsize
     for ax in reversed(order):
         if a.shape[ax] > 1:
