@@ -19,7 +19,7 @@ import nbnorm
 from nbnorm import config
 from nbnorm.cpu import backward as bwd
 from nbnorm.cpu import forward as fwd
-from nbnorm.cpu import streaming
+from nbnorm.cpu import convert, streaming
 
 from helpers import DTYPES, REF_TOL, as_memory, assert_close, assert_same, use_path
 from nbnorm import reference
@@ -64,7 +64,7 @@ def test_span_of_an_unaligned_array_streams_nothing():
 @njit
 def _affine_arrays(x, y, c, s, b):
     h, e = streaming.span(y)
-    streaming.affine_lines(y, h, e, x, c, s, b)
+    streaming.affine_lines(y, h, e, x, c, s, b, None, None)
     streaming.fence()
     return h, e
 
@@ -72,28 +72,28 @@ def _affine_arrays(x, y, c, s, b):
 @njit
 def _affine_scalars(x, y, c, s, b):
     h, e = streaming.span(y)
-    streaming.affine_lines(y, h, e, x, c, s, b)
+    streaming.affine_lines(y, h, e, x, c, s, b, None, None)
     return h, e
 
 
 @njit
 def _scale_offset(x, y, s, t):
     h, e = streaming.span(y)
-    streaming.scale_offset_lines(y, h, e, x, s, t)
+    streaming.scale_offset_lines(y, h, e, x, s, t, None, None)
     return h, e
 
 
 @njit
 def _grad(dy, x, y, m, a, b, k):
     h, e = streaming.span(y)
-    streaming.grad_lines(y, h, e, dy, x, m, a, b, k)
+    streaming.grad_lines(y, h, e, dy, x, m, a, b, k, None, None)
     return h, e
 
 
 @njit
 def _grad_affine(dy, x, y, k, q, r):
     h, e = streaming.span(y)
-    streaming.grad_affine_lines(y, h, e, dy, x, k, q, r)
+    streaming.grad_affine_lines(y, h, e, dy, x, k, q, r, None, None)
     return h, e
 
 
@@ -137,13 +137,15 @@ def _cols(kind, y, c0, C, stream, dy, x, u, v, w, z):
     """A column intrinsic over ``y[h:e]`` (``cols_span``), column ``c0`` at ``h``."""
     h, e = streaming.cols_span(y, stream)
     if kind == 0:
-        streaming.affine_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v, w)
+        streaming.affine_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v, w, None, None)
     elif kind == 1:
-        streaming.scale_offset_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v)
+        streaming.scale_offset_cols(y, h, e, (c0 + h) % C, C, stream, x, u, v, None, None)
     elif kind == 2:
-        streaming.grad_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w, z)
+        streaming.grad_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w, z, None,
+                            None)
     else:
-        streaming.grad_affine_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w)
+        streaming.grad_affine_cols(y, h, e, (c0 + h) % C, C, stream, dy, x, u, v, w, None,
+                                   None)
     return h, e
 
 
@@ -403,3 +405,81 @@ def test_default_threshold_is_three_quarters_of_the_cache_at_least_16_mib():
     llc = config._last_level_cache_bytes()
     assert config.STREAM_MIN_BYTES == max(16 << 20, 3 * (llc or 0) // 4)
     assert config.STREAM_MIN_BYTES >= 16 << 20
+
+
+# ------------------------------------------- half data and epilogues, streamed
+
+@njit
+def _scalar_affine(x, y, s, t):
+    for i in range(y.size):
+        y[i] = convert.store(convert.load(x[i]) * s + t, y)
+
+
+@njit
+def _vector_affine(x, y, s, t):
+    """``_scalar_affine`` with the whole lines streamed."""
+    h, e = streaming.span(y)
+    for i in range(h):
+        y[i] = convert.store(convert.load(x[i]) * s + t, y)
+    streaming.scale_offset_lines(y, h, e, x, s, t, None, None)
+    for i in range(e, y.size):
+        y[i] = convert.store(convert.load(x[i]) * s + t, y)
+    return h, e
+
+
+@pytest.mark.parametrize("bits_dtype", [np.uint16, np.int16], ids=["float16", "bfloat16"])
+def test_vector_conversions_are_the_scalar_bits(rng, bits_dtype):
+    """The intrinsics' vector conversions of half data (hardware float16, after a
+    float32 rounding to odd) give ``convert``'s scalar bits: every bit pattern
+    read, and float64 values of every magnitude (subnormal, overflowing, ties,
+    NaN, inf) rounded."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bits_dtype)
+    ties = np.ldexp(1.0 + (2 * np.arange(64) + 1) * 2.0 ** -11, rng.integers(-24, 16, 64))
+    values = np.concatenate([
+        rng.standard_normal(20000) * 10.0 ** rng.integers(-12, 7, 20000), ties, -ties,
+        [np.inf, -np.inf, np.nan, -np.nan, 65504.0, 65519.99, 65520.0, 2.0 ** -25,
+         2.0 ** -24 * 1.5, 3.4e38, 3.5e38, 1e-300, 0.0, -0.0]])
+    for src, s, t in ((every, 1.0, 0.0), (every, -0.75, 0.25), (values, 1.0, 0.0)):
+        expected = np.empty(src.size, bits_dtype)
+        got = np.empty(src.size, bits_dtype)
+        _scalar_affine(src, expected, s, t)
+        h, e = _vector_affine(src, got, s, t)
+        assert e - h > src.size // 2
+        assert_same(got.view(np.uint16), expected.view(np.uint16))
+
+
+def _half_dtype(name):
+    if name == "bfloat16":
+        return pytest.importorskip("ml_dtypes").bfloat16
+    return np.dtype(name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("path", ["fused", "parallel", "rows"])
+@pytest.mark.parametrize("name,shape,axis", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_streamed_epilogues_write_the_ordinary_bits(rng, monkeypatch, name, shape, axis,
+                                                    path, dtype):
+    """Half data and the fused epilogues stream too: ``relu(bn(x) + residual)``
+    (training and inference) and the masked backward writing ``grad_residual``
+    give, streamed at an offset from a line, the bits of ordinary stores."""
+    use_path(monkeypatch, path)
+    dt = _half_dtype(dtype)
+    x, dy, w, b = (a.astype(dt) for a in _case(rng, shape, axis, np.float64))
+    res = rng.standard_normal(shape).astype(dt)
+    C = shape[axis]
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+
+    def run(on):
+        _stream_all(monkeypatch, on)
+        out = _offset_view(shape, dt, 3)
+        f = nbnorm.forward(x, w, b, axis=axis, out=out, activation="relu", residual=res)
+        inf_out = _offset_view(shape, dt, 3)
+        nbnorm.forward(x, w, b, rm, rv, training=False, axis=axis, out=inf_out,
+                       activation="relu", residual=res)
+        gi, gr = _offset_view(shape, dt, 3), _offset_view(shape, dt, 5)
+        g = nbnorm.backward(dy, x, f.mean, f.invstd, w, axis=axis, grad_input=gi,
+                            activation="relu", forward_out=out, grad_residual=gr)
+        return out, inf_out, gi, gr, g.grad_weight, g.grad_bias
+
+    for s, o in zip(run(True), run(False)):
+        assert_same(s.view(np.uint8), o.view(np.uint8))

@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from . import per_channel, streaming
 from .convert import compact, load, store
-from .epilogue import cut, grad, plain, put, row, run
+from .epilogue import cut, flat, grad, put, row, run
 from .epilogue import wide as wide_rows
 from .forward import _normalize_run, normalize_serial_interleaved
 from .stats import _FM, group_task, tile, widen
@@ -213,7 +213,7 @@ def _grad_run(gr, fr, xr, yr, er, m, a, b, k, stream):
     through the ReLU mask of ``fr`` (None: ``gr`` itself), written to ``er``
     too unless it is None (``epilogue``); ``stream``: its whole lines with
     streaming stores (``streaming``), the same bits."""
-    h, e = streaming.span(yr) if stream and plain(yr, fr, er) else (yr.size, yr.size)
+    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
     if compact(xr):  # a constant of the compiled signature
         q, r = _affine_coeffs(m, a, b, k)
         for i in range(h):
@@ -221,7 +221,7 @@ def _grad_run(gr, fr, xr, yr, er, m, a, b, k, stream):
             yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
             put(er, i, g)
         if e > h:
-            streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r)
+            streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r, fr, er)
         for i in range(e, yr.size):
             g = grad(gr, fr, i)
             yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
@@ -232,7 +232,7 @@ def _grad_run(gr, fr, xr, yr, er, m, a, b, k, stream):
             yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
             put(er, i, g)
         if e > h:
-            streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k)
+            streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k, fr, er)
         for i in range(e, yr.size):
             g = grad(gr, fr, i)
             yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
@@ -271,31 +271,34 @@ def _grad_rows(dy, fo, x, r0, r1, mean, a, b, k, q, r, dx, gres):
 
 
 @njit(cache=True)
-def _grad_values(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r):
-    """``_grad_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end."""
+def _grad_values(gf, ff, xf, yf, ef, i0, i1, C, mean, a, b, k, q, r):
+    """``_grad_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end;
+    ``ff`` and ``ef``: ``fo`` and ``gres`` as 1-D, or None."""
     c = i0 % C
     for i in range(i0, i1):
+        g = grad(gf, ff, i)
         if compact(xf):
-            yf[i] = k[c] * np.float64(gf[i]) + (q[c] * np.float64(xf[i]) + r[c])
+            yf[i] = store(k[c] * g + (q[c] * load(xf[i]) + r[c]), yf)
         else:
-            yf[i] = k[c] * (np.float64(gf[i]) - a[c] - (np.float64(xf[i]) - mean[c]) * b[c])
+            yf[i] = store(k[c] * (g - a[c] - (load(xf[i]) - mean[c]) * b[c]), yf)
+        put(ef, i, g)
         c = c + 1 if c + 1 < C else 0
 
 
 @njit(cache=True)
-def _grad_span(gf, xf, yf, i0, i1, C, mean, a, b, k, q, r, stream):
+def _grad_span(gf, ff, xf, yf, ef, i0, i1, C, mean, a, b, k, q, r, stream):
     """``_grad_values`` of ``[i0, i1)`` with a ``streaming`` column intrinsic for
     the whole vectors, as ``forward._normalize_span``."""
     h, e = streaming.cols_span(yf[i0:i1], stream)
-    _grad_values(gf, xf, yf, i0, i0 + h, C, mean, a, b, k, q, r)
+    _grad_values(gf, ff, xf, yf, ef, i0, i0 + h, C, mean, a, b, k, q, r)
     if e > h:
         if compact(xf):
             streaming.grad_affine_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, gf, xf,
-                                       k, q, r)
+                                       k, q, r, ff, ef)
         else:
             streaming.grad_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, gf, xf, mean,
-                                a, b, k)
-    _grad_values(gf, xf, yf, i0 + e, i1, C, mean, a, b, k, q, r)
+                                a, b, k, ff, ef)
+    _grad_values(gf, ff, xf, yf, ef, i0 + e, i1, C, mean, a, b, k, q, r)
 
 
 @njit(parallel=True, cache=True)
@@ -323,8 +326,10 @@ def grad_input_interleaved(dy, fo, x, mean, a, b, k, dx, gres, stream, tasks, st
     of ``C * inner``: ``repeat = inner``, the bits of ``grad_input_planar``)."""
     outer, C = x.shape
     gf = dy.reshape(-1)
+    ff = flat(fo)
     xf = x.reshape(-1)
     yf = dx.reshape(-1)
+    ef = flat(gres)
     isz = dx.itemsize
     if compact(dx):  # only k, q and r are read (``_grad_rows``)
         q, r = _affine_coeffs(mean, a, b, k)
@@ -341,12 +346,9 @@ def grad_input_interleaved(dy, fo, x, mean, a, b, k, dx, gres, stream, tasks, st
     for t in prange(tasks):
         r0 = min(outer, t * step)
         r1 = min(outer, r0 + step)
-        if plain(dx, fo, gres):
-            _grad_span(gf, xf, yf, r0 * C, r1 * C, C, mp, ap, bp, kp, qp, rp, stream)
-            if stream:
-                streaming.fence()
-        else:  # half data or an epilogue: row by row, ordinary stores
-            _grad_rows(dy, fo, x, r0, r1, mp, ap, bp, kp, qp, rp, dx, gres)
+        _grad_span(gf, ff, xf, yf, ef, r0 * C, r1 * C, C, mp, ap, bp, kp, qp, rp, stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(cache=True)

@@ -7,9 +7,8 @@ reads ``g = dy * (forward_out > 0)`` for ``dy`` and may write ``g`` to
 the activation a bool, the ReLU when True, once any forward epilogue is
 present), and these ``overload``\\ s branch on its *type*, so a call without
 epilogue compiles to exactly the code it had before any existed, and every
-combination is its own specialization, compiled the first time it is called.  ``plain(...)`` is true, at compile time, when nothing
-but float32/float64 data and no epilogue is involved: only those calls use
-the streaming-store intrinsics (``streaming``), which know those two dtypes.
+combination is its own specialization, compiled the first time it is called.
+The streaming-store intrinsics (``streaming``) take the same operands.
 """
 
 from numba import njit, types
@@ -125,12 +124,12 @@ def _wide(a, w):
     return lambda a, w: widen(a, w)
 
 
-def plain(y, *optional):
-    """True when ``y`` is float32/float64 and every optional operand is None."""
+def flat(a):
+    """``a.reshape(-1)``, or None for None."""
 
 
-@overload(plain)
-def _plain(y, *optional):
-    value = (y.dtype in (types.float32, types.float64)
-             and all(_none(t) for t in optional))
-    return lambda y, *optional: value
+@overload(flat, inline="always")
+def _flat(a):
+    if _none(a):
+        return lambda a: None
+    return lambda a: a.reshape(-1)

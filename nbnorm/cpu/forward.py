@@ -28,7 +28,7 @@ from numba import njit, prange
 from .. import config
 from . import per_channel, stats, streaming
 from .convert import compact, load, store
-from .epilogue import finish, plain, row, run
+from .epilogue import finish, flat, row, run
 from .epilogue import wide as wide_rows
 
 invstd = per_channel.math.invstd
@@ -59,20 +59,20 @@ def _normalize_run(xr, rr, yr, m, s, b, act, stream):
     (compact data: ``xr * s + (b - m * s)``, see ``_normalize_rows``); ``rr``
     (the residual's run) and ``act`` may be None (``epilogue``); ``stream``:
     its whole lines with streaming stores (``streaming``), the same bits."""
-    h, e = streaming.span(yr) if stream and plain(yr, rr, act) else (yr.size, yr.size)
+    h, e = streaming.span(yr) if stream else (yr.size, yr.size)
     if compact(xr):  # a constant of the compiled signature
         t = offsets(m, s, b)
         for i in range(h):
             yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
         if e > h:
-            streaming.scale_offset_lines(yr, h, e, xr, s, t)
+            streaming.scale_offset_lines(yr, h, e, xr, s, t, rr, act)
         for i in range(e, yr.size):
             yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
     else:
         for i in range(h):
             yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
         if e > h:
-            streaming.affine_lines(yr, h, e, xr, m, s, b)
+            streaming.affine_lines(yr, h, e, xr, m, s, b, rr, act)
         for i in range(e, yr.size):
             yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
 
@@ -107,32 +107,34 @@ def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, res, act):
 
 
 @njit(cache=True)
-def _normalize_values(xf, yf, i0, i1, C, center, scale, shift, offset):
-    """``_normalize_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to end."""
+def _normalize_values(xf, yf, i0, i1, C, center, scale, shift, offset, rf, act):
+    """``_normalize_rows`` of the values ``[i0, i1)`` of rows of ``C`` laid end to
+    end; ``rf`` the residual as 1-D, or None."""
     c = i0 % C
     for i in range(i0, i1):
         if compact(xf):
-            yf[i] = np.float64(xf[i]) * scale[c] + offset[c]
+            yf[i] = store(finish(load(xf[i]) * scale[c] + offset[c], rf, i, act), yf)
         else:
-            yf[i] = (np.float64(xf[i]) - center[c]) * scale[c] + shift[c]
+            yf[i] = store(finish((load(xf[i]) - center[c]) * scale[c] + shift[c], rf, i, act),
+                          yf)
         c = c + 1 if c + 1 < C else 0
 
 
 @njit(cache=True)
-def _normalize_span(xf, yf, i0, i1, C, center, scale, shift, offset, stream):
+def _normalize_span(xf, yf, i0, i1, C, center, scale, shift, offset, rf, act, stream):
     """``_normalize_values`` of ``[i0, i1)`` with a ``streaming`` column intrinsic
     for the whole vectors (lines, when ``stream``); the coefficients are
     ``streaming.periodic``.  The same bits either way."""
     h, e = streaming.cols_span(yf[i0:i1], stream)
-    _normalize_values(xf, yf, i0, i0 + h, C, center, scale, shift, offset)
+    _normalize_values(xf, yf, i0, i0 + h, C, center, scale, shift, offset, rf, act)
     if e > h:
         if compact(xf):
             streaming.scale_offset_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, xf,
-                                        scale, offset)
+                                        scale, offset, rf, act)
         else:
             streaming.affine_cols(yf, i0 + h, i0 + e, (i0 + h) % C, C, stream, xf, center,
-                                  scale, shift)
-    _normalize_values(xf, yf, i0 + e, i1, C, center, scale, shift, offset)
+                                  scale, shift, rf, act)
+    _normalize_values(xf, yf, i0 + e, i1, C, center, scale, shift, offset, rf, act)
 
 
 def task_split(n, size):
@@ -184,6 +186,7 @@ def normalize_interleaved(x, center, scale, shift, out, stream, tasks, step, res
     outer, C = x.shape
     xf = x.reshape(-1)
     yf = out.reshape(-1)
+    rf = flat(res)
     offset = offsets(center, scale, shift)
     isz = out.itemsize
     cp = streaming.periodic(center, isz, repeat)
@@ -193,12 +196,9 @@ def normalize_interleaved(x, center, scale, shift, out, stream, tasks, step, res
     for t in prange(tasks):
         r0 = min(outer, t * step)
         r1 = min(outer, r0 + step)
-        if plain(out, res, act):
-            _normalize_span(xf, yf, r0 * C, r1 * C, C, cp, sp, bp, op, stream)
-            if stream:
-                streaming.fence()
-        else:  # half data or an epilogue: row by row, ordinary stores
-            _normalize_rows(x, r0, r1, cp, sp, bp, op, out, res, act)
+        _normalize_span(xf, yf, r0 * C, r1 * C, C, cp, sp, bp, op, rf, act, stream)
+        if stream:
+            streaming.fence()
 
 
 @njit(cache=True)

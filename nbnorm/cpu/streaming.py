@@ -19,6 +19,12 @@ with the same float64 expressions, so streamed and ordinary results are the
 same bits.  A writer of streamed lines calls ``fence`` before its task ends:
 non-temporal stores are not ordered with other stores until a fence.
 
+Every storage dtype streams (``convert.Convert``: float16 and bfloat16
+bits are converted in vectors with the scalar code's expressions), and so do the
+fused epilogues (the last two operands of every intrinsic: the residual and
+the ReLU forward, the ReLU mask and ``grad_residual`` backward; None when
+absent, which compiles to the plain loop).
+
 The ``*_lines`` intrinsics write one run (a planar channel's ``inner``
 values, with scalar coefficients); the ``*_cols`` intrinsics write many rows
 of an interleaved batch laid end to end, with per-channel coefficients read at
@@ -37,6 +43,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .convert import Convert
 
 #: Bytes of a cache line, and of one streamed vector.
 LINE = 64
@@ -85,29 +93,32 @@ def fence(typingctx):
     return types.void(), codegen
 
 
-def _lines(expr, y, i0, i1, *operands):
+def _lines(expr, tail, y, i0, i1, *operands):
     """The typing and code of an intrinsic ``f(y, i0, i1, *operands)`` writing
     ``y[i] = expr(operands at i)`` for ``i`` in ``[i0, i1)`` with streamed vector
     stores, where ``y[i0]`` is 64-byte aligned and ``i1 - i0`` a multiple of a
-    line.  An operand is a 1-D contiguous array of float32 or float64, read at
-    ``i``, or a float64 scalar, broadcast; ``expr`` takes and returns float64
-    vectors through an ``_Ops``."""
-    return types.void(y, i0, i1, *operands), _codegen(expr, columns=False, flat=len(operands))
+    line.  An operand is a 1-D contiguous data array (any storage dtype of
+    ``convert``: float32, float64, float16 or bfloat16 bits), read at ``i``, or
+    a float64 scalar, broadcast; ``expr`` takes and returns float64 vectors
+    through an ``_Ops``.  The last two operands are the epilogue's (``tail``:
+    ``_FORWARD`` or ``_BACKWARD``), each None or present."""
+    return types.void(y, i0, i1, *operands), _codegen(expr, False, len(operands), tail)
 
 
-def _cols(expr, flat, y, i0, i1, c0, period, stream, *operands):
+def _cols(expr, flat, tail, y, i0, i1, c0, period, stream, *operands):
     """``_lines`` for rows of ``period`` columns laid end to end (a C-contiguous
     ``(rows, C)`` array as 1-D): ``f(y, i0, i1, c0, period, stream, *operands)``.
-    The first ``flat`` operands are read at ``i``, like ``y``; the other arrays
-    are per-column coefficients read at the column ``c`` of ``i`` (``c0`` at
-    ``i0``), so they must hold ``periodic`` values: a vector starting in the last
-    columns of a row reads on past ``period``.  A task then streams all its rows
-    in one run, and only its own two ends are not whole lines: per-row runs of
-    an output at 16 bytes past a line (where glibc puts a large ``malloc``)
-    leave a part line at every row boundary.  ``stream`` False stores ordinarily
-    and unaligned, for any ``y[i0]`` and ``i1 - i0`` a multiple of a vector."""
+    The first ``flat`` operands and the epilogue's are read at ``i``, like
+    ``y``; the other arrays are per-column float64 coefficients read at the
+    column ``c`` of ``i`` (``c0`` at ``i0``), so they must hold ``periodic``
+    values: a vector starting in the last columns of a row reads on past
+    ``period``.  A task then streams all its rows in one run, and only its own
+    two ends are not whole lines: per-row runs of an output at 16 bytes past a
+    line (where glibc puts a large ``malloc``) leave a part line at every row
+    boundary.  ``stream`` False stores ordinarily and unaligned, for any
+    ``y[i0]`` and ``i1 - i0`` a multiple of a vector."""
     sig = types.void(y, i0, i1, c0, period, stream, *operands)
-    return sig, _codegen(expr, columns=True, flat=flat)
+    return sig, _codegen(expr, True, flat, tail)
 
 
 @njit(cache=True)
@@ -130,41 +141,65 @@ def periodic(a, itemsize, repeat=1):
     return p
 
 
-def _codegen(expr, columns, flat):
+#: The epilogue operands that end every intrinsic's operand list (``epilogue``):
+#: forward ``(residual, act)``: ``act(expr + residual)``, ``act`` None or a
+#: bool, the ReLU when true; backward ``(forward_out, grad_residual)``: the
+#: first operand (``dy``) masked by ``forward_out > 0``, and written to
+#: ``grad_residual``.
+_FORWARD, _BACKWARD = "forward", "backward"
+
+
+def _codegen(expr, columns, flat, tail):
     def codegen(context, builder, signature, args):
-        yty, i0ty, i1ty = signature.args[:3]
-        if not _float_operands(signature.args):
-            # Half data (2-byte integer bits) never stream: ``epilogue.plain`` is
-            # False for them, so callers reach this with an empty range only.
-            return context.get_dummy_value()
+        yty = signature.args[0]
         first = 6 if columns else 3  # where the operands begin
         i64 = ir.IntType(64)
-        elt = context.get_data_type(yty.dtype)
-        esize = context.get_abi_sizeof(elt)
-        width = LINE // esize
+        i32 = ir.IntType(32)
+        width = LINE * 8 // yty.dtype.bitwidth
         vdouble = ir.VectorType(ir.DoubleType(), width)
-        a = context.cast(builder, args[1], i0ty, types.int64)
-        b = context.cast(builder, args[2], i1ty, types.int64)
-        y_arr = context.make_array(yty)(context, builder, args[0])
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        zero = ir.Constant(vdouble, [0.0] * width)
+        conv = Convert(builder, width)
+        a = context.cast(builder, args[1], signature.args[1], types.int64)
+        b = context.cast(builder, args[2], signature.args[2], types.int64)
+        nontemporal = builder.module.add_metadata([ir.Constant(i32, 1)])
 
-        def pointer(ty, arr, i, vty):
+        def pointer(ty, arr, i):
             p = cgutils.get_item_pointer(context, builder, ty, arr, [i], wraparound=False)
+            vty = ir.VectorType(context.get_data_type(ty.dtype), width)
             return builder.bitcast(p, vty.as_pointer())
 
+        def put(ty, arr, i, v, streamed):
+            r = conv.stored(v, ty.dtype)
+            esize = context.get_abi_sizeof(context.get_data_type(ty.dtype))
+            st = builder.store(r, pointer(ty, arr, i), align=LINE if streamed else esize)
+            if streamed:
+                st.set_metadata("nontemporal", nontemporal)
+
+        def splat(v):
+            undef = ir.Constant(ir.VectorType(v.type, width), ir.Undefined)
+            v = builder.insert_element(undef, v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(i32, width),
+                                                                [0] * width))
+
         # Scalars are broadcast once, outside the loop; arrays are loaded in it,
-        # at i (flat) or at the column.
+        # at i (flat operands and the epilogue's) or at the column.
+        optypes = signature.args[first:]
+        body, (t1, t2) = list(zip(optypes[:-2], args[first:-2])), optypes[-2:]
         loaders = []
-        for k, (ty, val) in enumerate(zip(signature.args[first:], args[first:])):
+        for k, (ty, val) in enumerate(body):
             if isinstance(ty, types.Array):
-                arr = context.make_array(ty)(context, builder, val)
-                loaders.append((ty, arr, k < flat))
+                loaders.append((ty, context.make_array(ty)(context, builder, val), k < flat))
             else:
-                d = context.cast(builder, val, ty, types.float64)
-                undef = ir.Constant(vdouble, ir.Undefined)
-                v = builder.insert_element(undef, d, ir.Constant(ir.IntType(32), 0))
-                zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-                loaders.append(builder.shuffle_vector(v, undef, zeros))
+                loaders.append(splat(context.cast(builder, val, ty, types.float64)))
+        e1 = e2 = None  # the epilogue's operands, when present
+        if isinstance(t1, types.Array):
+            e1 = context.make_array(t1)(context, builder, args[-2])
+        if tail == _FORWARD and isinstance(t2, types.Boolean):
+            act = context.cast(builder, args[-1], t2, types.boolean)
+            e2 = splat(act)
+        elif tail == _BACKWARD and isinstance(t2, types.Array):
+            e2 = context.make_array(t2)(context, builder, args[-1])
+        y_arr = context.make_array(yty)(context, builder, args[0])
 
         step = ir.Constant(i64, width)
         if columns:
@@ -174,7 +209,7 @@ def _codegen(expr, columns, flat):
             inc = builder.urem(step, period)
             stream = context.cast(builder, args[5], signature.args[5], types.boolean)
 
-        def loop(streamed):
+        def loop(streamed, streamed_gres):
             ops = _Ops(builder)
             if columns:
                 col = cgutils.alloca_once_value(
@@ -185,44 +220,61 @@ def _codegen(expr, columns, flat):
                 for ld in loaders:
                     if isinstance(ld, tuple):
                         ty, arr, at_i = ld
-                        et = context.get_data_type(ty.dtype)
-                        v = builder.load(pointer(ty, arr, i if at_i else c,
-                                                 ir.VectorType(et, width)),
-                                         align=context.get_abi_sizeof(et))
-                        if not isinstance(et, ir.DoubleType):
-                            v = builder.fpext(v, vdouble)
-                        vals.append(v)
+                        vals.append(conv.loaded(builder.load(
+                            pointer(ty, arr, i if at_i else c),
+                            align=context.get_abi_sizeof(context.get_data_type(ty.dtype))),
+                            ty.dtype))
                     else:
                         vals.append(ld)
+
+                def operand(ty, arr):
+                    return conv.loaded(builder.load(pointer(ty, arr, i), align=1), ty.dtype)
+
+                if tail == _BACKWARD:
+                    if e1 is not None:  # epilogue.grad: dy where forward_out > 0, else 0
+                        keep = builder.fcmp_ordered(">", operand(t1, e1), zero)
+                        vals[0] = builder.select(keep, vals[0], zero)
+                    if e2 is not None:
+                        put(t2, e2, i, vals[0], streamed_gres)
                 r = expr(ops, *vals)
-                if not isinstance(elt, ir.DoubleType):
-                    r = builder.fptrunc(r, ir.VectorType(elt, width))
-                store = builder.store(r, pointer(yty, y_arr, i, r.type),
-                                      align=LINE if streamed else esize)
-                if streamed:
-                    store.set_metadata("nontemporal", nontemporal)
+                if tail == _FORWARD:  # epilogue.finish
+                    if e1 is not None:
+                        r = builder.fadd(r, operand(t1, e1))
+                    if e2 is not None:  # channel.relu: 0 where r <= 0 (not NaN)
+                        cut = builder.and_(e2, builder.fcmp_ordered("<=", r, zero))
+                        r = builder.select(cut, zero, r)
+                put(yty, y_arr, i, r, streamed)
                 if columns:
                     nxt = builder.add(c, inc)
                     wrapped = builder.icmp_signed(">=", nxt, period)
                     builder.store(builder.select(wrapped, builder.sub(nxt, period), nxt), col)
 
+        def streamed_loop():
+            if tail == _BACKWARD and e2 is not None:
+                # grad_residual streams too where its lines fall on y's (in place
+                # on grad_out, or another large allocation): else ordinary stores.
+                p0 = builder.ptrtoint(pointer(t2, e2, a), i64)
+                aligned = builder.icmp_unsigned("==", builder.urem(p0, ir.Constant(i64, LINE)),
+                                                ir.Constant(i64, 0))
+                with builder.if_else(aligned) as (then, otherwise):
+                    with then:
+                        loop(True, True)
+                    with otherwise:
+                        loop(True, False)
+            else:
+                loop(True, False)
+
         if columns:
             with builder.if_else(stream) as (then, otherwise):
                 with then:
-                    loop(True)
+                    streamed_loop()
                 with otherwise:
-                    loop(False)
+                    loop(False, False)
         else:
-            loop(True)
+            streamed_loop()
         return context.get_dummy_value()
 
     return codegen
-
-
-def _float_operands(args):
-    """Whether every array among an intrinsic's arguments holds float32/float64."""
-    return all(a.dtype in (types.float32, types.float64)
-               for a in args if isinstance(a, types.Array))
 
 
 class _Ops:
@@ -262,51 +314,57 @@ def _grad_affine(f, dy, x, k, q, r):
     return f.add(f.mul(k, dy), f.add(f.mul(q, x), r))
 
 
-# Intrinsics take no *args: one explicit signature per expression.
+# Intrinsics take no *args: one explicit signature per expression.  The last two
+# operands are the epilogue's (``_FORWARD``, ``_BACKWARD``), None when absent.
 
 @intrinsic
-def affine_lines(typingctx, y, i0, i1, x, center, scale, shift):
-    """Streams ``y[i0:i1] = (x - center) * scale + shift`` (see ``_lines``)."""
-    return _lines(_affine, y, i0, i1, x, center, scale, shift)
-
-
-@intrinsic
-def scale_offset_lines(typingctx, y, i0, i1, x, scale, offset):
-    """Streams ``y[i0:i1] = x * scale + offset`` (see ``_lines``)."""
-    return _lines(_scale_offset, y, i0, i1, x, scale, offset)
+def affine_lines(typingctx, y, i0, i1, x, center, scale, shift, res, act):
+    """Streams ``y[i0:i1] = act((x - center) * scale + shift + res)`` (see ``_lines``)."""
+    return _lines(_affine, _FORWARD, y, i0, i1, x, center, scale, shift, res, act)
 
 
 @intrinsic
-def grad_lines(typingctx, y, i0, i1, dy, x, mean, a, b, k):
-    """Streams ``y[i0:i1] = k * (dy - a - (x - mean) * b)`` (see ``_lines``)."""
-    return _lines(_grad, y, i0, i1, dy, x, mean, a, b, k)
+def scale_offset_lines(typingctx, y, i0, i1, x, scale, offset, res, act):
+    """Streams ``y[i0:i1] = act(x * scale + offset + res)`` (see ``_lines``)."""
+    return _lines(_scale_offset, _FORWARD, y, i0, i1, x, scale, offset, res, act)
 
 
 @intrinsic
-def grad_affine_lines(typingctx, y, i0, i1, dy, x, k, q, r):
-    """Streams ``y[i0:i1] = k * dy + (q * x + r)`` (see ``_lines``)."""
-    return _lines(_grad_affine, y, i0, i1, dy, x, k, q, r)
+def grad_lines(typingctx, y, i0, i1, dy, x, mean, a, b, k, fo, gres):
+    """Streams ``y[i0:i1] = k * (g - a - (x - mean) * b)``, ``g`` = ``dy`` through
+    the mask of ``fo``, also written to ``gres`` (see ``_lines``)."""
+    return _lines(_grad, _BACKWARD, y, i0, i1, dy, x, mean, a, b, k, fo, gres)
 
 
 @intrinsic
-def affine_cols(typingctx, y, i0, i1, c0, period, stream, x, center, scale, shift):
+def grad_affine_lines(typingctx, y, i0, i1, dy, x, k, q, r, fo, gres):
+    """Streams ``y[i0:i1] = k * g + (q * x + r)``, ``g`` as in ``grad_lines``."""
+    return _lines(_grad_affine, _BACKWARD, y, i0, i1, dy, x, k, q, r, fo, gres)
+
+
+@intrinsic
+def affine_cols(typingctx, y, i0, i1, c0, period, stream, x, center, scale, shift, res, act):
     """``affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_affine, 1, y, i0, i1, c0, period, stream, x, center, scale, shift)
+    return _cols(_affine, 1, _FORWARD, y, i0, i1, c0, period, stream, x, center, scale, shift,
+                 res, act)
 
 
 @intrinsic
-def scale_offset_cols(typingctx, y, i0, i1, c0, period, stream, x, scale, offset):
+def scale_offset_cols(typingctx, y, i0, i1, c0, period, stream, x, scale, offset, res, act):
     """``scale_offset_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_scale_offset, 1, y, i0, i1, c0, period, stream, x, scale, offset)
+    return _cols(_scale_offset, 1, _FORWARD, y, i0, i1, c0, period, stream, x, scale, offset,
+                 res, act)
 
 
 @intrinsic
-def grad_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k):
+def grad_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k, fo, gres):
     """``grad_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_grad, 2, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k)
+    return _cols(_grad, 2, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k,
+                 fo, gres)
 
 
 @intrinsic
-def grad_affine_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, k, q, r):
+def grad_affine_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, k, q, r, fo, gres):
     """``grad_affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_grad_affine, 2, y, i0, i1, c0, period, stream, dy, x, k, q, r)
+    return _cols(_grad_affine, 2, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, k, q, r,
+                 fo, gres)
