@@ -23,13 +23,14 @@ class Layout(NamedTuple):
 
     @property
     def planar(self):
-        return self.shape[2] > 1
+        return self.shape[2] != 1
 
 
 def make(order, outer, C, inner):
     """The ``Layout`` of a canonical ``(outer, C, inner)`` view in axis ``order``."""
     shape = (outer, C, inner)
-    return Layout(order, shape, shape if inner > 1 else shape[:2],
+    # inner == 0 (an empty H or W) stays 3-d: its (outer, C) would claim values.
+    return Layout(order, shape, shape if inner != 1 else shape[:2],
                   tuple(order) == _identity(len(order)))
 
 

@@ -65,9 +65,11 @@ def _reduce(x, stream, params, dy=None, mean=None, forward_out=None):
 
 def normalize(x, coef, out, stream, params, residual=None, relu=False):
     """The elementwise pass: ``out = act(bn(x) + residual)`` with ``coef`` rows
-    (center, scale, shift, offset) from ``finalize``."""
-    kernel = fwd.normalize_planar if _planar(x) else fwd.normalize_interleaved
-    kernel(x, coef, out, stream, params, residual, relu)
+    (center, scale, shift, offset) from ``finalize``; nothing to launch for a
+    view without values (given moments: a process without rows)."""
+    if x.size:
+        kernel = fwd.normalize_planar if _planar(x) else fwd.normalize_interleaved
+        kernel(x, coef, out, stream, params, residual, relu)
 
 
 def _flags(weight, bias, running=None):
@@ -197,8 +199,9 @@ def backward(dy, x, mean, invstd, weight, training, grad_input, grad_weight, gra
     kernel[_per_channel_grid(C, tpb), tpb, s](
         partials, *(_or(a, grad_bias) for a in given + local), float(n), mean, invstd,
         _or(weight, grad_bias), _flags(weight, None), grad_weight, grad_bias, coef)
-    pass_ = bwd.grad_input_planar if _planar(x) else bwd.grad_input_interleaved
-    pass_(dy, x, coef, grad_input, s, params, bool(training), forward_out, grad_residual)
+    if x.size:  # else a process without rows: its grad_weight/grad_bias are zeros
+        pass_ = bwd.grad_input_planar if _planar(x) else bwd.grad_input_interleaved
+        pass_(dy, x, coef, grad_input, s, params, bool(training), forward_out, grad_residual)
 
 
 def moments(x, stream=None):
