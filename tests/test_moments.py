@@ -290,6 +290,23 @@ def test_preallocated_outputs_with_given_statistics(rng):
         assert_same(a, b)
 
 
+def test_statistics_in_other_forms_are_accepted(rng):
+    """Lists, strided views and a ``(2, C)`` array of sums: the same bits."""
+    x, dy = data(rng, (6, 3, 5), np.float64), data(rng, (6, 3, 5), np.float64)
+    m = nbnorm.moments(x)
+    plain = nbnorm.forward(x, moments=m)
+    other = nbnorm.forward(x, moments=(np.int64(m.count), m.mean.tolist(),
+                                       np.repeat(m.m2, 2)[::2]))
+    for a, b in zip(plain, other):
+        assert_same(a, b)
+    s = nbnorm.backward_sums(dy, x, plain.mean)
+    g = nbnorm.backward(dy, x, plain.mean, plain.invstd, sums=s, count=m.count)
+    g2 = nbnorm.backward(dy, x, plain.mean, plain.invstd, sums=np.stack(s), count=m.count,
+                         local_sums=[s[0].tolist(), s[1]])
+    for a, b in zip(g, g2):
+        assert_same(a, b)
+
+
 # ----------------------------------------------------------------- bad input
 
 def _forward_kwargs(rng):
