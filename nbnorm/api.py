@@ -307,14 +307,15 @@ def _batch_count(x, axis, training):
     if x.size == 0:
         raise ValueError(f"expected a non-empty input, got shape {tuple(x.shape)}")
     n = x.size // x.shape[axis]
-    _enough_values(n, training, f"input size {tuple(x.shape)}")
+    if training and n <= 1:
+        _too_few(f"input size {tuple(x.shape)}")
     return n
 
 
-def _enough_values(n, training, what):
-    """Training normalizes by a variance, which needs more than one value per channel."""
-    if training and n <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got {what}")
+def _too_few(what):
+    """Training normalizes by a variance, which needs more than one value per
+    channel (``what``: the input size or the count, for the message)."""
+    raise ValueError(f"expected more than 1 value per channel when training, got {what}")
 
 
 def _count(value, name, training):
@@ -330,7 +331,8 @@ def _count(value, name, training):
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
-    _enough_values(v, training, f"{name}={v}")
+    if training and v <= 1:
+        _too_few(f"{name}={v}")
     return v
 
 
@@ -357,10 +359,10 @@ def _required_channels(a, name, C, dev):
     return _channel_input(a, name, C, dev)
 
 
-def _sum_pair(pair, name, C, dev):
+def _sum_pair(s_dy, s_xmu, name, C, dev):
     """``sums``/``local_sums`` (unpacked by ``_items``): two per-channel arrays."""
-    return (_required_channels(pair[0], f"{name}[0] ({_SUMS[0]})", C, dev),
-            _required_channels(pair[1], f"{name}[1] ({_SUMS[1]})", C, dev))
+    return (_required_channels(s_dy, f"{name}[0] ({_SUMS[0]})", C, dev),
+            _required_channels(s_xmu, f"{name}[1] ({_SUMS[1]})", C, dev))
 
 
 def _forward_out(forward_out, relu, x, dev):
@@ -544,7 +546,7 @@ _BACKWARD_MAY_BE = frozenset({("grad_input", "grad_out"), ("grad_residual", "gra
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training=True, momentum=0.1, unbiased=True, eps=1e-5, axis=1,
             out=None, mean=None, invstd=None, moments=None, on_nonfinite="propagate",
-            activation=None, residual=None, stream=None):
+            activation=None, residual=None, stream=None, check_only=False):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
     Parameters
@@ -609,6 +611,11 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         stream, a CuPy or PyTorch stream, or a raw ``cudaStream_t``); ``None``
         is the default stream.  The call returns without waiting for the device.
         With host arrays it is a ``TypeError``.
+    check_only : bool
+        Check every argument as the call would, then return None without
+        computing or writing anything: what a process runs before a collective
+        (``nbnorm.distributed``), so that its bad argument is known before the
+        other processes wait for its statistics.
 
     Returns
     -------
@@ -631,11 +638,13 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         ``on_nonfinite="raise"`` and a batch mean or variance is not finite;
         nothing has been written.
     """
-    given = None if moments is None else _items(moments, "moments", Moments._fields)
+    given = m_mean = m_m2 = None
+    if moments is not None:
+        given = _items(moments, "moments", Moments._fields)
+        m_mean, m_m2 = given[1], given[2]
     be = _backend(_FORWARD_ARRAYS,
                   (x, weight, bias, running_mean, running_var, out, mean, invstd, residual,
-                   *((None, None) if given is None else given[1:])),
-                  stream)
+                   m_mean, m_m2), stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
@@ -650,9 +659,9 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         raise ValueError("moments= is for training: inference normalizes with the running "
                          "statistics")
     else:
-        given = (_count(given[0], "moments.count", training),
-                 _required_channels(given[1], "moments.mean", C, dev),
-                 _required_channels(given[2], "moments.m2", C, dev))
+        m_mean = _required_channels(m_mean, "moments.mean", C, dev)
+        m_m2 = _required_channels(m_m2, "moments.m2", C, dev)
+        given = (_count(given[0], "moments.count", training), m_mean, m_m2)
     momentum = _scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
     weight = _channel_input(weight, "weight", C, dev)
@@ -667,7 +676,6 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         mean = _writable(mean, "mean", (C,), sdt, dev)
     if invstd is not None:
         invstd = _writable(invstd, "invstd", (C,), sdt, dev)
-    m_mean, m_m2 = (None, None) if given is None else given[1:]
     if ((out is not None or mean is not None or invstd is not None
          or (training and running_mean is not None))  # else no output to check
             and (dev or not _separate((x, weight, bias, running_mean, running_var, out, mean,
@@ -679,6 +687,8 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
              ("moments.mean", m_mean), ("moments.m2", m_m2), *(() if training else running)),
             _FORWARD_MAY_BE, dev)
 
+    if check_only:
+        return None
     lay = be.views.plan(x, ax)
     out, mean, invstd = _allocate(x, lay, be, C, sdt, out, mean, invstd)
     x3 = _kernel_input(x, lay, be)
@@ -701,7 +711,7 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
 def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
              grad_input=None, grad_weight=None, grad_bias=None, activation=None,
              forward_out=None, grad_residual=None, sums=None, count=None, local_sums=None,
-             stream=None):
+             stream=None, check_only=False):
     """Gradients of ``forward`` with respect to ``x``, ``weight`` and ``bias``
     (and ``residual``).
 
@@ -751,6 +761,9 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         reduced here (one more pass over ``grad_out`` and ``x``).
     stream : CUDA stream, optional
         Device arrays only, as for ``forward``.
+    check_only : bool
+        Check every argument, then return None without computing or writing
+        anything, as for ``forward``.
 
     Returns
     -------
@@ -770,17 +783,16 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         without ``sums``), a ``count`` of 1 or less; nothing has been written
         when it raises.
     """
-    if sums is None:
-        if count is not None or local_sums is not None:
-            raise ValueError("count= and local_sums= go with sums=")
-        given = ()
-    else:
-        sums = _items(sums, "sums", _SUMS)
-        local = () if local_sums is None else _items(local_sums, "local_sums", _SUMS)
-        given = (*sums, *local)
+    s_dy = s_xmu = l_dy = l_xmu = None  # sums and local_sums
+    if sums is not None:
+        s_dy, s_xmu = _items(sums, "sums", _SUMS)
+        if local_sums is not None:
+            l_dy, l_xmu = _items(local_sums, "local_sums", _SUMS)
+    elif count is not None or local_sums is not None:
+        raise ValueError("count= and local_sums= go with sums=")
     be = _backend(_BACKWARD_ARRAYS,
                   (grad_out, x, mean, invstd, weight, grad_input, grad_weight, grad_bias,
-                   forward_out, grad_residual, *given), stream)
+                   forward_out, grad_residual, s_dy, s_xmu, l_dy, l_xmu), stream)
     dev = be.device
     x = _data(x, dev)
     ax = _axis(axis, x.ndim)
@@ -795,9 +807,9 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         if count is None:
             raise ValueError("sums= needs count=, the number of values they sum per channel")
         count = _count(count, "count", training)
-        sums = _sum_pair(sums, "sums", C, dev)
+        s_dy, s_xmu = _sum_pair(s_dy, s_xmu, "sums", C, dev)
         if local_sums is not None:
-            local_sums = _sum_pair(local, "local_sums", C, dev)
+            l_dy, l_xmu = _sum_pair(l_dy, l_xmu, "local_sums", C, dev)
     grad_out = _like_x(grad_out, "grad_out", x, dev, required=True)
     if mean is None or invstd is None:
         raise ValueError("backward needs the mean and invstd that forward returned")
@@ -814,20 +826,22 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         grad_bias = _writable(grad_bias, "grad_bias", (C,), sdt, dev)
     if grad_residual is not None:
         grad_residual = _writable(grad_residual, "grad_residual", x.shape, x.dtype, dev)
-    given = (*(sums or ()), *(local_sums or ()))
     if ((grad_input is not None or grad_weight is not None or grad_bias is not None
          or grad_residual is not None)
             and (dev or not _separate((grad_out, x, mean, invstd, weight, forward_out,
                                        grad_input, grad_weight, grad_bias, grad_residual,
-                                       *given)))):
+                                       s_dy, s_xmu, l_dy, l_xmu)))):
         _check_aliasing(
             (("grad_input", grad_input), ("grad_weight", grad_weight),
              ("grad_bias", grad_bias), ("grad_residual", grad_residual)),
             (("grad_out", grad_out), ("x", x), ("mean", mean), ("invstd", invstd),
              ("weight", weight), ("forward_out", forward_out),
-             *zip(("sums[0]", "sums[1]", "local_sums[0]", "local_sums[1]"), given)),
+             ("sums[0]", s_dy), ("sums[1]", s_xmu), ("local_sums[0]", l_dy),
+             ("local_sums[1]", l_xmu)),
             _BACKWARD_MAY_BE, dev)
 
+    if check_only:
+        return None
     lay = be.views.plan(x, ax)
     grad_input, grad_weight, grad_bias = _allocate(x, lay, be, C, sdt, grad_input,
                                                    grad_weight, grad_bias)
@@ -840,7 +854,8 @@ def backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
         gr3, finish_residual = _kernel_output(grad_residual, lay, be)
         kw = dict(kw, forward_out=_kernel_input(forward_out, lay, be), grad_residual=gr3)
     if sums is not None:
-        kw = dict(kw, sums=sums, count=count, local_sums=local_sums)
+        kw = dict(kw, sums=(s_dy, s_xmu), count=count,
+                  local_sums=None if l_dy is None else (l_dy, l_xmu))
     be.ops.backward(dy3, x3, mean, invstd, weight, training, dx3, grad_weight, grad_bias,
                     **kw)
     finish()
