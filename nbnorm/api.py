@@ -1,4 +1,6 @@
-"""``forward`` and ``backward``: validation, dispatch and allocation.
+"""``forward`` and ``backward``, and the mergeable statistics of synchronized
+batch norm (``moments``, ``merge_moments``, ``backward_sums``; ``forward``'s
+``moments=`` and ``backward``'s ``sums=``): validation, dispatch and allocation.
 
 This is the only place that looks at user input.  Everything is checked before
 anything is written, so a call that raises has changed no output and no running
@@ -10,7 +12,7 @@ Each rule is one function below (``_axis``, ``_scalar``, ``_channel_input``,
 and it begins with a test that accepts the usual case in a few attribute reads
 (an exact ``numpy.ndarray`` of the right shape and dtype, a Python float in
 range), so a small call pays ~100 ns a rule instead of the general checks.
-``forward`` and ``backward`` apply every rule to every call; there is no second
+Every public function applies every rule to every call; there is no second
 path that restates them.
 """
 
