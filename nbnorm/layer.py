@@ -127,6 +127,11 @@ class BatchNorm:
     A layer is not thread-safe.
     """
 
+    # The array functions the layer calls; nbnorm.distributed.BatchNorm puts
+    # its communicator's in their place.
+    _forward = staticmethod(forward)
+    _backward = staticmethod(backward)
+
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, bias=True,
                  track_running_stats=True, axis=1, dtype=np.float32, activation=None):
         try:
@@ -312,12 +317,12 @@ class BatchNorm:
             momentum = 1.0 / (int(self.num_batches_tracked) + 1) if update else 0.0
         key = (x.shape, x.dtype, x.strides)
         inputs = (x, residual)
-        res = forward(x, self.weight, self.bias, self.running_mean, self.running_var,
-                      training=batch_stats, momentum=momentum, eps=self.eps, axis=ax,
-                      out=self._buffer("out", key, inputs),
-                      mean=self._buffer("mean", key, inputs),
-                      invstd=self._buffer("invstd", key, inputs),
-                      activation=self.activation, residual=residual)
+        res = self._forward(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            training=batch_stats, momentum=momentum, eps=self.eps, axis=ax,
+                            out=self._buffer("out", key, inputs),
+                            mean=self._buffer("mean", key, inputs),
+                            invstd=self._buffer("invstd", key, inputs),
+                            activation=self.activation, residual=residual)
         if update:
             self.num_batches_tracked += 1
         weight = None
@@ -369,13 +374,13 @@ class BatchNorm:
             grad_residual = self._buffer("grad_residual", key, inputs)
             if grad_residual is None:  # forward's out has the memory order nbnorm gives x
                 grad_residual = np.empty_like(p.out)
-        g = backward(grad_out, x, p.mean, p.invstd, p.weight, training=p.batch_stats,
-                     axis=p.axis, grad_input=self._buffer("grad_input", key, inputs),
-                     grad_weight=self._buffer("grad_weight", key, inputs),
-                     grad_bias=self._buffer("grad_bias", key, inputs),
-                     activation=p.activation,
-                     forward_out=p.out if p.activation is not None else None,
-                     grad_residual=grad_residual)
+        g = self._backward(grad_out, x, p.mean, p.invstd, p.weight, training=p.batch_stats,
+                           axis=p.axis, grad_input=self._buffer("grad_input", key, inputs),
+                           grad_weight=self._buffer("grad_weight", key, inputs),
+                           grad_bias=self._buffer("grad_bias", key, inputs),
+                           activation=p.activation,
+                           forward_out=p.out if p.activation is not None else None,
+                           grad_residual=grad_residual)
         self._keep(key, grad_input=g.grad_input, grad_weight=g.grad_weight,
                    grad_bias=g.grad_bias, grad_residual=grad_residual)
         self._pending = None
