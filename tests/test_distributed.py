@@ -8,12 +8,13 @@ equal on every rank).  One launch per process count: each costs seconds.
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from launch import run
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join(
@@ -24,11 +25,9 @@ WORKER = Path(__file__).with_name("mpi_worker.py")
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
 @pytest.mark.parametrize("processes", [2, 3])
 def test_mpi_ranks_match_one_process(processes):
-    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
-    run = subprocess.run([MPIEXEC, "-n", str(processes), sys.executable, str(WORKER)],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0 and f"OK {processes}" in run.stdout, (
-        f"mpiexec -n {processes} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+    code, output = run([MPIEXEC, "-n", str(processes), sys.executable, str(WORKER)])
+    assert code == 0 and f"OK {processes}" in output, (
+        f"mpiexec -n {processes} failed ({code}):\n{output}")
 
 
 def test_single_process_communicator_is_plain_batch_norm():

@@ -1,0 +1,21 @@
+"""Running a multi-process test job in a subprocess that cannot outlive its timeout."""
+
+import os
+import signal
+import subprocess
+
+
+def run(command, timeout=120):
+    """``command``'s ``(returncode, stdout + stderr)``; the whole process group
+    (mpiexec's or torch.multiprocessing's children too) is killed when it runs
+    past ``timeout`` seconds, which fails the calling test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(command)} ran past {timeout} s (a hang?):\n{output}")
+    return proc.returncode, output
