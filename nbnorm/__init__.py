@@ -4,7 +4,13 @@ from .api import (BackwardResult, ForwardResult, Moments, backward, backward_sum
                   merge_moments, moments)
 from .fold import fold
 from .layer import BatchNorm
+from .norms import (RMSNormBackwardResult, RMSNormResult, group_norm, group_norm_backward,
+                    instance_norm, instance_norm_backward, layer_norm, layer_norm_backward,
+                    rms_norm, rms_norm_backward)
 
 __all__ = ["forward", "backward", "ForwardResult", "BackwardResult", "fold", "BatchNorm",
-           "moments", "Moments", "merge_moments", "backward_sums"]
+           "moments", "Moments", "merge_moments", "backward_sums",
+           "group_norm", "group_norm_backward", "layer_norm", "layer_norm_backward",
+           "instance_norm", "instance_norm_backward", "rms_norm", "rms_norm_backward",
+           "RMSNormResult", "RMSNormBackwardResult"]
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ update and differentiate with the same expressions.
   is the same update with the division ``nb / (na + nb)`` hoisted out of a
   loop over channels that share the counts, so that loop vectorizes: same
   expressions, same bits).
-- ``invstd`` and ``running_update`` finish a training step; ``finite``
+- ``invstd`` and ``running_update`` finish a training step (``invrms``: RMS
+  normalization's, from the same moments); ``finite``
   decides ``on_nonfinite`` for one channel (``nbnorm.guard``).
 - ``grad_coeffs`` and ``affine_coeffs`` are the backward's per-channel
   coefficients: ``dx = k * (dy - a - (x - mean) * b) = k * dy + (q * x + r)``.
@@ -59,6 +60,14 @@ def invstd(m2, n, eps):
     return 1.0 / sqrt(m2 / n + eps)
 
 
+def invrms(mean, m2, n, eps):
+    """``1 / sqrt(mean(x**2) + eps)`` (RMS normalization) of ``n`` values with mean
+    ``mean`` and sum of squared deviations ``m2``: ``mean(x**2) = m2 / n +
+    mean**2`` is a sum of two non-negative terms, so it keeps its precision
+    whatever the mean, from the same moments as ``invstd``."""
+    return 1.0 / sqrt(m2 / n + mean * mean + eps)
+
+
 def running_update(running_mean, running_var, momentum, mean, m2, n, correction):
     """The running statistics after a batch: ``(1 - momentum) * running +
     momentum * batch``, with the batch variance ``m2 / (n - correction)``:
@@ -105,7 +114,7 @@ def relu(v):
     return 0.0 if v <= 0.0 else v
 
 
-_FUNCTIONS = ("chan_step", "chan_merge", "invstd", "running_update", "finite",
+_FUNCTIONS = ("chan_step", "chan_merge", "invstd", "invrms", "running_update", "finite",
               "moments_finite", "grad_coeffs", "affine_coeffs", "offset", "relu")
 
 
