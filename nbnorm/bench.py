@@ -401,6 +401,118 @@ def small_calls(torch, rounds, number):
     return rows
 
 
+# ----------------------------------------------------- group, layer, RMS norm
+#: (name, shape, call): issue 17's normalizations; call is (kind, axis or
+#: normalized_shape, groups).
+NORM_SHAPES = [("GroupNorm(32,256) NCHW", (32, 256, 28, 28), ("group", 1, 32)),
+               ("GroupNorm(32,256) NHWC", (32, 28, 28, 256), ("group", -1, 32)),
+               ("LayerNorm(1024)", (8192, 1024), ("layer", 1024, None)),
+               ("RMSNorm(4096)", (2048, 4096), ("rms", 4096, None))]
+QUICK_NORM_SHAPES = [("GroupNorm(4,16) NCHW", (4, 16, 8, 8), ("group", 1, 4)),
+                     ("GroupNorm(4,16) NHWC", (4, 8, 8, 16), ("group", -1, 4)),
+                     ("LayerNorm(128)", (256, 128), ("layer", 128, None)),
+                     ("RMSNorm(256)", (128, 256), ("rms", 256, None))]
+
+
+def _norm_calls(kind, arg, groups, x, dy, w, b):
+    """nbnorm's forward and backward callables of one normalization and their
+    float64 reference errors."""
+    if kind == "group":
+        fwd = lambda: nbnorm.group_norm(x, groups, w, b, axis=arg)  # noqa: E731
+        f = fwd()
+        bwd = lambda: nbnorm.group_norm_backward(dy, x, f.mean, f.invstd, w, axis=arg)  # noqa
+        ref = reference.group_norm(x, groups, w, b, axis=arg)
+        rb = reference.group_norm_backward(dy, x, f.mean, f.invstd, w, axis=arg)
+    elif kind == "layer":
+        fwd = lambda: nbnorm.layer_norm(x, arg, w, b)  # noqa: E731
+        f = fwd()
+        bwd = lambda: nbnorm.layer_norm_backward(dy, x, f.mean, f.invstd, w)  # noqa: E731
+        ref = reference.layer_norm(x, arg, w, b)
+        rb = reference.layer_norm_backward(dy, x, f.mean, f.invstd, w)
+    else:
+        fwd = lambda: nbnorm.rms_norm(x, arg, w, 1e-5)  # noqa: E731
+        f = fwd()
+        bwd = lambda: nbnorm.rms_norm_backward(dy, x, f.invrms, w)  # noqa: E731
+        ref = reference.rms_norm(x, arg, w, 1e-5)
+        rb = reference.rms_norm_backward(dy, x, f.invrms, w)
+    errs = (_rel_err(f.out, ref.out), max(_rel_err(a, e) for a, e in zip(bwd(), rb)))
+    return fwd, bwd, errs
+
+
+def _torch_norm_calls(torch, kind, arg, groups, x, dy, w, b):
+    """torch's forward and backward (autograd, graph kept) of the same call."""
+    F = torch.nn.functional
+    tdt = _tensor(torch, x).dtype
+    tx = _tensor(torch, x)
+    tdy = _tensor(torch, dy)
+    if kind == "group" and arg % x.ndim == x.ndim - 1:  # NHWC data: a channels_last view
+        tx, tdy = (t.permute(0, x.ndim - 1, *range(1, x.ndim - 1)) for t in (tx, tdy))
+    tx.requires_grad_()
+    tw = torch.from_numpy(w).to(tdt).requires_grad_()
+    tb = None if b is None else torch.from_numpy(b).to(tdt).requires_grad_()
+    if kind == "group":
+        fwd = lambda: F.group_norm(tx, groups, tw, tb)  # noqa: E731
+    elif kind == "layer":
+        fwd = lambda: F.layer_norm(tx, (arg,), tw, tb)  # noqa: E731
+    else:
+        fwd = lambda: F.rms_norm(tx, (arg,), tw, 1e-5)  # noqa: E731
+    y = fwd()
+    inputs = (tx, tw) if tb is None else (tx, tw, tb)
+
+    def forward():
+        with torch.no_grad():
+            return fwd()
+
+    def backward():
+        return torch.autograd.grad(y, inputs, tdy, retain_graph=True)
+    return forward, backward
+
+
+def norm_rows(shapes, dtype, rounds, torch, rng):
+    """``[(name, dtype, direction, nbnorm/copy, torch/copy, floor/copy, error)]``:
+    group, layer and RMS norm forward and backward against ``np.copyto`` of
+    ``x``, PyTorch and the memory floor (forward: read x + elementwise x->out;
+    backward: read x and dy, then dy, x -> dx, the two passes' least traffic)."""
+    rows = []
+    for name, shape, (kind, arg, groups) in shapes:
+        pdt = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+        x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 3.0).astype(dtype)
+        dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        P = shape[arg] if kind == "group" else arg
+        w = rng.uniform(0.5, 1.5, P).astype(pdt)
+        b = None if kind == "rms" else rng.uniform(-1, 1, P).astype(pdt)
+        out = np.empty_like(x)
+        fwd, bwd, errs = _norm_calls(kind, arg, groups, x, dy, w, b)
+        xk, outk, dyk = dtypes.kernel_view(x), dtypes.kernel_view(out), dtypes.kernel_view(dy)
+        copy = lambda: np.copyto(out, x)  # noqa: E731
+        floor_f = lambda: (read_floor(xk), elementwise_floor(xk, outk))  # noqa: E731
+        floor_b = lambda: (read_floor(xk), read_floor(dyk), read_floor(dyk),  # noqa: E731
+                           elementwise_floor(xk, outk))
+        tf = tb = None
+        if torch is not None:
+            tf, tb = _torch_norm_calls(torch, kind, arg, groups, x, dy, w, b)
+        for direction, nb, floor, tfn, err in (("forward", fwd, floor_f, tf, errs[0]),
+                                               ("backward", bwd, floor_b, tb, errs[1])):
+            fns = [copy, nb, floor] + ([tfn] if tfn is not None else [])
+            _, r = _ratios(fns, rounds)
+            rows.append((name, dtype.name, direction, float(r[1]),
+                         float(r[3]) if tfn is not None else float("nan"), float(r[2]), err))
+    return rows
+
+
+def format_norm_rows(rows):
+    head = (f"{'normalization':<24} {'dtype':<8} {'pass':<8} {'nbnorm/copy':>11} "
+            f"{'torch/copy':>10} {'floor/copy':>10} {'nbnorm/floor':>12} "
+            f"{'nbnorm/torch':>12}  check")
+    out = [head, "-" * len(head)]
+    for name, dt, d, nb, t, fl, err in rows:
+        ok = err <= _tol(np.dtype(_dtype(dt)))
+        out.append(f"{name:<24} {dt:<8} {d:<8} {nb:>11.2f} {_fmt(t):>10} {fl:>10.2f} "
+                   f"{nb / fl:>12.2f} {_fmt(nb / t):>12}  {'ok' if ok else 'FAILED'} "
+                   f"({err:.1e})")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------- output
 
 def _header(torch, no_torch="torch not installed"):
@@ -473,6 +585,9 @@ def main(argv=None):
                              inner=5 if args.quick else 3, epilogues=not args.no_epilogues)
     small = small_calls(torch, rounds, 200 if args.quick else 2000)
     floor_rows = {dtype: floors(shapes, _dtype(dtype), rounds, rng) for dtype in dtypes}
+    norm_shapes = QUICK_NORM_SHAPES if args.quick else NORM_SHAPES
+    nrows = [r for d in dtypes if d in ("float32", "bfloat16")
+             for r in norm_rows(norm_shapes, _dtype(d), rounds, torch, rng)]
 
     print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
                   else "torch not installed"))
@@ -492,7 +607,12 @@ def main(argv=None):
     print()
     for dtype in dtypes:
         print(format_floors(dtype, floor_rows[dtype]))
-    failed = [r for r in rows if not r.ok] + small_failed
+    if nrows:
+        print("\ngroup, layer and RMS norm (ratios to np.copyto of x; floor: the least "
+              "traffic of the two passes):")
+        print(format_norm_rows(nrows))
+    failed = [r for r in rows if not r.ok] + small_failed + [
+        r for r in nrows if not r[6] <= _tol(np.dtype(_dtype(r[1])))]
     if failed:
         print(f"\n{len(failed)} check(s) FAILED against nbnorm.reference", file=sys.stderr)
         return 1
