@@ -249,20 +249,27 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
     return ReferenceNorm(out, mean.reshape(lead), invstd.reshape(lead), None, None)
 
 
+def _rows_backward(grad_out, x, stat, weight, activation, forward_out):
+    """What layer and RMS norm's backwards start from: ``x`` and ``grad_out``
+    (through the ReLU mask) as float64 rows of the ``normalized_shape`` that
+    ``stat``'s shape leaves, ``g = dy * weight``, that shape, and ``stat`` as a
+    column."""
+    if activation == "relu":
+        grad_out = relu_backward(grad_out, forward_out)
+    stat = np.asarray(stat, np.float64)
+    ns = np.shape(x)[stat.ndim:]
+    x2, _ = _rows(x, ns)
+    dy, _ = _rows(grad_out, ns)
+    return x2, dy, dy * _element(weight, x2.shape[1], 1.0), ns, stat.reshape(-1, 1)
+
+
 def layer_norm_backward(grad_out, x, mean, invstd, weight=None, *, activation=None,
                         forward_out=None):
     """The gradients of ``layer_norm``; ``normalized_shape`` is what ``mean``'s shape leaves."""
-    if activation == "relu":
-        grad_out = relu_backward(grad_out, forward_out)
-    mean = np.asarray(mean, np.float64)
-    ns = np.shape(x)[mean.ndim:]
-    x2, _ = _rows(x, ns)
-    dy, _ = _rows(grad_out, ns)
+    x2, dy, g, ns, mu = _rows_backward(grad_out, x, mean, weight, activation, forward_out)
     D = x2.shape[1]
-    mu = mean.reshape(-1, 1)
     inv = np.asarray(invstd, np.float64).reshape(-1, 1)
     xhat = (x2 - mu) * inv
-    g = dy * _element(weight, D, 1.0)
     dx = inv / D * (D * g - g.sum(axis=1, keepdims=True)
                     - xhat * (g * xhat).sum(axis=1, keepdims=True))
     return ReferenceBackward(dx.reshape(np.shape(x)), (dy * xhat).sum(0).reshape(ns),
@@ -295,14 +302,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, activ
 
 def rms_norm_backward(grad_out, x, invrms, weight=None, *, activation=None, forward_out=None):
     """The gradients of ``rms_norm`` with respect to ``x`` and ``weight``."""
-    if activation == "relu":
-        grad_out = relu_backward(grad_out, forward_out)
-    invrms = np.asarray(invrms, np.float64)
-    ns = np.shape(x)[invrms.ndim:]
-    x2, _ = _rows(x, ns)
-    dy, _ = _rows(grad_out, ns)
+    x2, dy, g, ns, r = _rows_backward(grad_out, x, invrms, weight, activation, forward_out)
     D = x2.shape[1]
-    r = invrms.reshape(-1, 1)
-    g = dy * _element(weight, D, 1.0)
     dx = r * (g - x2 * r * r * (g * x2).sum(axis=1, keepdims=True) / D)
     return ReferenceRMSBackward(dx.reshape(np.shape(x)), (dy * x2 * r).sum(0).reshape(ns))

@@ -50,7 +50,7 @@ from . import per_channel, stats, streaming
 from .backward import _finish_interleaved as _finish_dual_sums
 from .backward import _grad_span, _rows_dual_sum, _run_dual_sum
 from .convert import compact, load, store
-from .epilogue import cut, finish, flat, grad, put, row
+from .epilogue import _none, cut, finish, flat, grad, put, row, run
 from .epilogue import wide as wide_rows
 from .forward import _normalize_run, _normalize_span, task_split
 from .ops import _work
@@ -68,10 +68,6 @@ _chan_merge = per_channel.math.chan_merge
 
 # ------------------------------------------------------------ small helpers
 
-def _is_none(t):
-    return t is None or isinstance(t, types.NoneType)
-
-
 def part(v, j0, j1):
     """``v[j0:j1]`` of an array, the scalar ``v`` itself, or None.  The loops below
     run over such slices from 0: with a start not known to be >= 0 Numba keeps
@@ -81,7 +77,7 @@ def part(v, j0, j1):
 
 @overload(part, inline="always")
 def _part(v, j0, j1):
-    if _is_none(v):
+    if _none(v):
         return lambda v, j0, j1: None
     if isinstance(v, types.Array):
         return lambda v, j0, j1: v[j0:j1]
@@ -98,17 +94,6 @@ def _at(v, i):
     if isinstance(v, types.Array):
         return lambda v, i: np.float64(v[i])
     return lambda v, i: np.float64(v)
-
-
-def sample_row(a, n, s):
-    """``a[n, s]``, or None."""
-
-
-@overload(sample_row, inline="always")
-def _sample_row(a, n, s):
-    if _is_none(a):
-        return lambda a, n, s: None
-    return lambda a, n, s: a[n, s]
 
 
 # Streaming stores (``streaming``) for the loops with a coefficient per value:
@@ -655,8 +640,8 @@ def _sample_grad_impl(dy, fo, x, dx, gres, n, s0, s1, t, stream):
     def centred(dy, fo, x, dx, gres, n, s0, s1, t, stream):
         W = x.shape[2]
         for s in range(s0, s1):
-            _grad_values(dy[n, s], sample_row(fo, n, s), x[n, s], dx[n, s],
-                         sample_row(gres, n, s), t[0, :W], t[1, :W], t[2, :W], t[3, :W],
+            _grad_values(dy[n, s], run(fo, n, s), x[n, s], dx[n, s],
+                         run(gres, n, s), t[0, :W], t[1, :W], t[2, :W], t[3, :W],
                          t[4, :W])
     return centred
 
