@@ -28,7 +28,7 @@ SHAPES = {
 }
 
 #: NCHW batches of small feature maps (the later stages of a ResNet), whose
-#: short runs take kernel paths of their own (README, "Small feature maps");
+#: short runs take kernel paths of their own (docs/performance.md, "Small feature maps");
 #: "small": the same maps and channels with a batch of 4.
 MAPS = {"7x7": (256, 512, 7, 7), "4x4": (1024, 64, 4, 4), "14x14": (64, 256, 14, 14)}
 

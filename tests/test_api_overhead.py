@@ -5,7 +5,7 @@
   the values are bitwise those written into a C-order buffer through a temporary.
 - A call with plain ``numpy.ndarray`` arguments decides "host" once, without
   probing every array for ``__cuda_array_interface__`` (the per-call overhead of
-  small batches; timings are in the README, not asserted here: the test machine
+  small batches; timings are in docs/performance.md, not asserted here: the test machine
   is shared).
 """
 

@@ -1,4 +1,4 @@
-"""The bad-input catalogue of the README ("Bad input"), case by case.
+"""The bad-input catalogue of docs/errors.md ("Bad input"), case by case.
 
 tests/test_errors.py covers the basic error paths (wrong dtypes, shapes, axes,
 read-only and overlapping outputs, eps/momentum out of range); this file covers

@@ -1,9 +1,9 @@
-"""Other frameworks' batch-norm conventions as nbnorm arguments (README, "Other
-frameworks' conventions").
+"""Other frameworks' batch-norm conventions as nbnorm arguments (docs/conventions.md,
+"Other frameworks' conventions").
 
 Each framework's published update is written out below in float64 NumPy from
 its source or specification (cited at each), and a few training steps of
-``nbnorm.forward`` with the README's arguments must reproduce its outputs and
+``nbnorm.forward`` with the table's arguments must reproduce its outputs and
 running statistics, then its inference output.  The frameworks themselves are
 not needed.
 """
@@ -88,7 +88,7 @@ def flax_linen(x, state, step, m=0.99, eps=1e-5, axis=-1):
     return mean, var, (m * rm + (1 - m) * mean, m * rv + (1 - m) * var)
 
 
-#: framework -> (its update, the nbnorm arguments of the README's table, given
+#: framework -> (its update, the nbnorm arguments of docs/conventions.md's table, given
 #: the framework's momentum ``m``, its epsilon and the step number ``n``, from 0).
 CONVENTIONS = {
     "keras3": (keras3, dict(m=0.99, eps=1e-3, axis=-1),

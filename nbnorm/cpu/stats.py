@@ -147,7 +147,7 @@ def planar_group(outer, C, inner, itemsize, parts):
     process, Zen 3, 2 threads; one channel a task -> 32 or 64): 256x512x7x7
     float32 1.32 -> 0.85, float64 1.02 -> 0.62; 1024x64x4x4 float32 2.03 ->
     1.54 (2 tasks; 4 tasks of 16: 1.68); 64x256x14x14 float32 0.88 -> 0.61.
-    With the other short-run rules, whole steps: README, "Small feature maps".
+    With the other short-run rules, whole steps: docs/performance.md, "Small feature maps".
     Maps of 56x56 and more read whole kilobytes a run and keep one channel a
     task.
     """

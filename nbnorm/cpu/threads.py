@@ -15,7 +15,7 @@ elements) never enter it.
 
 Measured on the 2-core dev machine (numba 0.68, shared and noisy): the guard
 costs 0.1-0.3 us per parallel call (the layer check), 0.3 us more when it takes
-the uncontended lock, against tens of microseconds of work.  See README "Threads".
+the uncontended lock, against tens of microseconds of work.  See docs/threads.md.
 """
 
 import contextlib
