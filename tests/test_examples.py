@@ -1,0 +1,45 @@
+"""The examples (examples/*.py): each runs with ``--quick`` in a subprocess,
+writes its figures and results.json, and what it claims holds in those results.
+
+The examples train with fixed seeds; the bounds below leave wide margins
+around what they print (a change of BLAS or thread count moves the last
+digits of a training run, not which method wins).
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+from launch import run
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def quick_run(name, out, figures):
+    """Run ``examples/<name>.py --quick --out out``; its results.json, after
+    checking that it exited cleanly and wrote ``figures``."""
+    code, output = run([sys.executable, os.path.join(EXAMPLES, name + ".py"),
+                        "--quick", "--out", str(out)])
+    assert code == 0, output
+    for figure in figures:
+        assert (out / figure).stat().st_size > 0, output
+    with open(out / "results.json") as f:
+        return json.load(f)
+
+
+def test_digits_bn(tmp_path):
+    runs = quick_run("digits_bn", tmp_path, ["curves.png", "running_stats.png"])["runs"]
+    by = {(r["batch_norm"], r["learning_rate"]): r for r in runs}
+    assert len(by) == len(runs) == 4
+    large, moderate = sorted({lr for _, lr in by}, reverse=True)
+    # At the large rate batch norm trains and the plain network does not.
+    assert by[True, large]["test_accuracy"] > 0.9
+    assert by[True, large]["test_accuracy"] > by[False, large]["test_accuracy"] + 0.15
+    # At the moderate rate both train, batch norm faster (lower loss after as many epochs).
+    assert min(by[bn, moderate]["test_accuracy"] for bn in (True, False)) > 0.85
+    assert by[True, moderate]["final_train_loss"] < by[False, moderate]["final_train_loss"]
