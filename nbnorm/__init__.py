@@ -3,12 +3,13 @@
 from .api import (BackwardResult, ForwardResult, Moments, backward, backward_sums, forward,
                   merge_moments, moments)
 from .fold import fold
-from .layer import BatchNorm
+from .layer import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .norms import (RMSNormBackwardResult, RMSNormResult, group_norm, group_norm_backward,
                     instance_norm, instance_norm_backward, layer_norm, layer_norm_backward,
                     rms_norm, rms_norm_backward)
 
-__all__ = ["forward", "backward", "ForwardResult", "BackwardResult", "fold", "BatchNorm",
+__all__ = ["forward", "backward", "ForwardResult", "BackwardResult", "fold",
+           "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm",
            "moments", "Moments", "merge_moments", "backward_sums",
            "group_norm", "group_norm_backward", "layer_norm", "layer_norm_backward",
            "instance_norm", "instance_norm_backward", "rms_norm", "rms_norm_backward",

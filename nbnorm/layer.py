@@ -1,11 +1,15 @@
-"""``BatchNorm``: a stateful batch-norm layer for hand-written NumPy training loops.
+"""Stateful layers for hand-written NumPy training loops: ``BatchNorm``, and
+``GroupNorm``, ``LayerNorm`` and ``RMSNorm`` on the same footing.
 
-The layer owns what ``nbnorm.forward``/``nbnorm.backward`` leave to the caller:
-the parameters, the running statistics and their momentum bookkeeping, the
-train/eval mode, what backward needs from forward, and the output buffers,
-which it reuses from step to step.  The semantics are ``torch.nn.BatchNorm1d/2d/3d``'s
+A layer owns what the array functions (``nbnorm.forward``/``backward``,
+``nbnorm.group_norm``/...) leave to the caller: the parameters, the running
+statistics and their momentum bookkeeping, the train/eval mode, what backward
+needs from forward, and the output buffers, which it reuses from step to
+step.  The semantics are the ``torch.nn`` modules' of the same names
 (constructor options, modes, state-dict keys), so that results and weights
 move between a PyTorch model and a NumPy one; the arithmetic is nbnorm's.
+``_Layer`` holds what they share (mode, buffers, state dict, the forward's
+weight kept for backward); each class says which function it calls.
 """
 
 import math
@@ -15,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import dtypes
+from . import norms
 from .api import _activation, _axis, _data, _flag, _on_device, _scalar, backward, forward
 from .fold import host_array
 
@@ -42,7 +47,120 @@ class _Pending(NamedTuple):
     residual: bool
 
 
-class BatchNorm:
+class _Layer:
+    """The mode, the reused buffers, the state dict and the kept weight of a layer
+    (the base of each layer class; ``_state_shapes`` says what its state is)."""
+
+    training = True
+    _pending = None
+
+    def _state_shapes(self):
+        """``{key: shape}`` of the layer's float state, in state-dict order."""
+        return {k: self.weight.shape for k in ("weight", "bias") if getattr(self, k) is not None}
+
+    def _state_keys(self):
+        return list(self._state_shapes())
+
+    def _host_input(self, x):
+        if type(x) is not np.ndarray and _on_device(x):
+            raise TypeError(f"{type(self).__name__} holds its parameters on the host; for "
+                            "device arrays call nbnorm's array functions with device "
+                            "parameters")
+        return _data(x, False)
+
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or eval mode; returns the layer."""
+        self.training = _flag(mode, "mode")
+        return self
+
+    def eval(self):
+        """Set eval mode (``train(False)``); returns the layer."""
+        return self.train(False)
+
+    def state_dict(self):
+        """The parameters and buffers under PyTorch's keys: the layer's own arrays,
+        as PyTorch's ``state_dict`` returns its tensors."""
+        return {k: getattr(self, k) for k in self._state_keys()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy parameters and buffers from ``state_dict`` into the layer's arrays.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            PyTorch's keys; values NumPy arrays, array-likes or PyTorch tensors
+            (read through ``detach().cpu()``), cast to the layer's dtype.
+        strict : bool
+            Refuse missing and unexpected keys.  A missing
+            ``num_batches_tracked`` keeps its value, as PyTorch does for state
+            dicts without version metadata (older checkpoints, other frameworks).
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``.
+
+        Raises
+        ------
+        ValueError
+            ``strict`` and missing or unexpected keys; a value of the wrong shape
+            or a negative ``num_batches_tracked``.
+        TypeError
+            A non-floating value (an integer one for ``num_batches_tracked``).
+            Nothing has been copied when it raises.
+        """
+        strict = _flag(strict, "strict")
+        keys = self._state_keys()
+        missing = [k for k in keys if k not in state_dict and k != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in keys]
+        if strict and (missing or unexpected):
+            problems = ([f"missing keys {missing}"] if missing else []) + (
+                [f"unexpected keys {unexpected}"] if unexpected else [])
+            raise ValueError(f"state_dict does not match {self!r}: {'; '.join(problems)}")
+        shapes = self._state_shapes()
+        copies = [(getattr(self, k), _state_value(state_dict[k], k, shapes.get(k)))
+                  for k in keys if k in state_dict]
+        for target, value in copies:  # every value checked first: all or nothing
+            np.copyto(target, value, casting="unsafe")
+        return IncompatibleKeys(missing, unexpected)
+
+    def _buffer(self, name, key, inputs):
+        """The buffer ``name`` if it was made for ``key`` and overlaps none of
+        ``inputs`` (then the call would read what it writes); else None, and
+        nbnorm allocates a new one."""
+        held = self._buffers.get(name)
+        if held is None or held[0] != key:
+            return None
+        buf = held[1]
+        for a in inputs:
+            if isinstance(a, np.ndarray) and np.may_share_memory(a, buf):
+                return None
+        return buf
+
+    def _keep(self, key, **arrays):
+        for name, a in arrays.items():
+            if a is not None:
+                self._buffers[name] = (key, a)
+
+    def _forward_weight(self):
+        """A copy of the weight for backward, whose weight is forward's whatever the
+        training loop does to ``self.weight`` in between (None without one)."""
+        if self.weight is None:
+            return None
+        weight = self._buffer("weight", self.weight.dtype, ())
+        if weight is None:
+            weight = np.empty_like(self.weight)
+        np.copyto(weight, self.weight)
+        self._buffers["weight"] = (self.weight.dtype, weight)
+        return weight
+
+    @staticmethod
+    def _no_pending():
+        return RuntimeError("backward() differentiates the last forward call: call the "
+                            "layer first (each forward call can be differentiated once)")
+
+
+class BatchNorm(_Layer):
     """Batch normalization as a layer with state: PyTorch's ``nn.BatchNorm`` for NumPy.
 
     ``layer(x)`` normalizes in the mode set by ``train()``/``eval()``,
@@ -134,12 +252,7 @@ class BatchNorm:
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, bias=True,
                  track_running_stats=True, axis=1, dtype=np.float32, activation=None):
-        try:
-            C = operator.index(num_features)
-        except TypeError:
-            raise TypeError(f"num_features must be an integer, got {num_features!r}") from None
-        if C < 1:
-            raise ValueError(f"num_features must be at least 1, got {C}")
+        C = _count(num_features, "num_features")
         try:
             axis = operator.index(axis)
         except TypeError:
@@ -174,15 +287,6 @@ class BatchNorm:
 
     # ----------------------------------------------------------- mode and state
 
-    def train(self, mode=True):
-        """Set training mode (``mode=True``) or eval mode; returns the layer."""
-        self.training = _flag(mode, "mode")
-        return self
-
-    def eval(self):
-        """Set eval mode (``train(False)``); returns the layer."""
-        return self.train(False)
-
     def reset_running_stats(self):
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0, in place."""
         if self.track_running_stats:
@@ -198,56 +302,12 @@ class BatchNorm:
         if self.bias is not None:
             self.bias[...] = 0
 
+    def _state_shapes(self):
+        return {k: (self.num_features,) for k in _FLOAT_KEYS if getattr(self, k) is not None}
+
     def _state_keys(self):
-        keys = [k for k in _FLOAT_KEYS if getattr(self, k) is not None]
+        keys = list(self._state_shapes())
         return keys + ["num_batches_tracked"] if self.track_running_stats else keys
-
-    def state_dict(self):
-        """The parameters and buffers under PyTorch's keys (``weight``, ``bias``,
-        ``running_mean``, ``running_var``, ``num_batches_tracked``): the layer's
-        own arrays, as PyTorch's ``state_dict`` returns its tensors."""
-        return {k: getattr(self, k) for k in self._state_keys()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters and buffers from ``state_dict`` into the layer's arrays.
-
-        Parameters
-        ----------
-        state_dict : mapping
-            PyTorch's keys; values NumPy arrays, array-likes or PyTorch tensors
-            (read through ``detach().cpu()``), cast to the layer's dtype.
-        strict : bool
-            Refuse missing and unexpected keys.  A missing
-            ``num_batches_tracked`` keeps its value, as PyTorch does for state
-            dicts without version metadata (older checkpoints, other frameworks).
-
-        Returns
-        -------
-        IncompatibleKeys
-            ``(missing_keys, unexpected_keys)``.
-
-        Raises
-        ------
-        ValueError
-            ``strict`` and missing or unexpected keys; a value of the wrong shape
-            or a negative ``num_batches_tracked``.
-        TypeError
-            A non-floating value (an integer one for ``num_batches_tracked``).
-            Nothing has been copied when it raises.
-        """
-        strict = _flag(strict, "strict")
-        keys = self._state_keys()
-        missing = [k for k in keys if k not in state_dict and k != "num_batches_tracked"]
-        unexpected = [k for k in state_dict if k not in keys]
-        if strict and (missing or unexpected):
-            problems = ([f"missing keys {missing}"] if missing else []) + (
-                [f"unexpected keys {unexpected}"] if unexpected else [])
-            raise ValueError(f"state_dict does not match {self!r}: {'; '.join(problems)}")
-        copies = [(getattr(self, k), _state_value(state_dict[k], k, self.num_features))
-                  for k in keys if k in state_dict]
-        for target, value in copies:  # every value checked first: all or nothing
-            np.copyto(target, value, casting="unsafe")
-        return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
         extra = "".join([
@@ -260,24 +320,6 @@ class BatchNorm:
                 f"track_running_stats={self.track_running_stats}{extra})")
 
     # ----------------------------------------------------------- forward, backward
-
-    def _buffer(self, name, key, inputs):
-        """The buffer ``name`` if it was made for ``key`` and overlaps none of
-        ``inputs`` (then the call would read what it writes); else None, and
-        nbnorm allocates a new one."""
-        held = self._buffers.get(name)
-        if held is None or held[0] != key:
-            return None
-        buf = held[1]
-        for a in inputs:
-            if isinstance(a, np.ndarray) and np.may_share_memory(a, buf):
-                return None
-        return buf
-
-    def _keep(self, key, **arrays):
-        for name, a in arrays.items():
-            if a is not None:
-                self._buffers[name] = (key, a)
 
     def __call__(self, x, residual=None):
         """Normalize ``x`` in the layer's mode.
@@ -302,10 +344,7 @@ class BatchNorm:
             ``num_features``; nothing (running statistics, the counter, the
             pending call) has changed when it raises.
         """
-        if type(x) is not np.ndarray and _on_device(x):
-            raise TypeError("BatchNorm holds its parameters on the host; for device arrays "
-                            "call nbnorm.forward/nbnorm.backward with device parameters")
-        x = _data(x, False)
+        x = self._host_input(x)
         ax = _axis(self.axis, x.ndim)
         if x.shape[ax] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
@@ -325,13 +364,7 @@ class BatchNorm:
                             activation=self.activation, residual=residual)
         if update:
             self.num_batches_tracked += 1
-        weight = None
-        if self.weight is not None:  # backward's weight is forward's, whatever happens between
-            weight = self._buffer("weight", self.weight.dtype, ())
-            if weight is None:
-                weight = np.empty_like(self.weight)
-            np.copyto(weight, self.weight)
-            self._buffers["weight"] = (self.weight.dtype, weight)
+        weight = self._forward_weight()
         self._keep(key, out=res.out, mean=res.mean, invstd=res.invstd)
         self._pending = _Pending(x, res.out, res.mean, res.invstd, weight, batch_stats, ax,
                                  self.activation, residual is not None)
@@ -364,8 +397,7 @@ class BatchNorm:
         """
         p = self._pending
         if p is None:
-            raise RuntimeError("backward() differentiates the last forward call: call the "
-                               "layer first (each forward call can be differentiated once)")
+            raise self._no_pending()
         x = p.x
         key = (x.shape, x.dtype, x.strides)
         inputs = (grad_out, x, p.out)
@@ -390,8 +422,8 @@ class BatchNorm:
         return g.grad_input
 
 
-def _state_value(value, key, C):
-    """A state-dict value checked for the layer's array ``key``."""
+def _state_value(value, key, shape):
+    """A state-dict value checked for the layer's array ``key`` of ``shape``."""
     a = host_array(value, key)
     if key == "num_batches_tracked":
         if a.dtype.kind not in "iu":
@@ -403,6 +435,289 @@ def _state_value(value, key, C):
         return a
     if not dtypes.is_float(a.dtype):
         raise TypeError(f"{key} must be a floating-point array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{key} must have shape ({C},), got {a.shape}")
+    if a.shape != shape:
+        raise ValueError(f"{key} must have shape {shape}, got {a.shape}")
     return a
+
+
+class _NormPending(NamedTuple):
+    """What a group/layer/RMS norm layer's ``backward`` needs from its forward."""
+
+    x: np.ndarray
+    out: np.ndarray
+    stats: tuple          # (mean, invstd), or (invrms,) for RMS norm
+    weight: object
+    activation: object
+    residual: bool
+
+
+class _Norm(_Layer):
+    """Group, layer and RMS norm as layers: parameters of ``param_shape``, no
+    running statistics, the same computation in both modes (as PyTorch's).
+    Subclasses say which array functions they call (``_apply``, ``_apply_backward``)."""
+
+    _stat_names = ("mean", "invstd")
+
+    def __init__(self, param_shape, eps, affine, bias, dtype, activation):
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}") from None
+        dtypes.check_data(dt, "dtype")
+        affine = _flag(affine, "elementwise_affine" if self._rows else "affine")
+        use_bias = affine and _flag(bias, "bias")
+        _activation(activation)
+        self.eps = None if eps is None else _scalar(eps, "eps", 0.0, math.inf, low_open=True)
+        self.dtype = dt
+        self.activation = activation
+        self.training = True
+        self.weight = np.ones(param_shape, dt) if affine else None
+        self.bias = np.zeros(param_shape, dt) if use_bias else None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
+        self._param_shape = param_shape
+        self._pending = None
+        self._buffers = {}
+
+    def _state_shapes(self):
+        return {k: self._param_shape for k in ("weight", "bias") if getattr(self, k) is not None}
+
+    def reset_parameters(self):
+        """Weight 1 and bias 0, in place."""
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def __call__(self, x, residual=None):
+        """Normalize ``x`` (the same in training and eval mode).
+
+        Parameters
+        ----------
+        x : ndarray
+            Any dtype and memory order that the array function takes.
+        residual : array like ``x``, optional
+            Added before the activation: ``act(norm(x) + residual)``.
+
+        Returns
+        -------
+        ndarray like ``x``
+            The layer's output buffer, overwritten by the next call with an ``x``
+            of the same shape, dtype and strides.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As the array function, and for ``x`` of another channel count or
+            trailing shape than the layer's; the pending call is unchanged.
+        """
+        x = self._host_input(x)
+        self._check_shape(x)
+        key = (x.shape, x.dtype, x.strides)
+        inputs = (x, residual)
+        stats = {n: self._buffer(n, key, inputs) for n in self._stat_names}
+        res = self._apply(x, out=self._buffer("out", key, inputs), activation=self.activation,
+                          residual=residual, **stats)
+        weight = self._forward_weight()
+        self._keep(key, out=res[0], **dict(zip(self._stat_names, res[1:])))
+        self._pending = _NormPending(x, res[0], tuple(res[1:]), weight, self.activation,
+                                     residual is not None)
+        return res[0]
+
+    def backward(self, grad_out):
+        """Differentiate the last forward call.
+
+        Returns
+        -------
+        ndarray like ``x``
+            ``grad_input``, the layer's buffer; sets ``grad_weight`` and
+            ``grad_bias`` (None for a parameter the layer does not have) and
+            ``grad_residual`` (None when that forward had no ``residual``).
+
+        Raises
+        ------
+        RuntimeError
+            No forward call to differentiate.
+        TypeError, ValueError
+            As the array function's backward; nothing has changed.
+        """
+        p = self._pending
+        if p is None:
+            raise self._no_pending()
+        key = (p.x.shape, p.x.dtype, p.x.strides)
+        inputs = (grad_out, p.x, p.out)
+        grad_residual = None
+        if p.residual:
+            grad_residual = self._buffer("grad_residual", key, inputs)
+            if grad_residual is None:
+                grad_residual = np.empty_like(p.out)
+        grads = {"grad_input": self._buffer("grad_input", key, inputs),
+                 "grad_weight": self._buffer("grad_weight", key, inputs)}
+        if self._has_bias_grad:
+            grads["grad_bias"] = self._buffer("grad_bias", key, inputs)
+        g = self._apply_backward(grad_out, p.x, *p.stats, p.weight, activation=p.activation,
+                                 forward_out=p.out if p.activation is not None else None,
+                                 grad_residual=grad_residual, **grads)
+        self._keep(key, grad_residual=grad_residual, **g._asdict())
+        self._pending = None
+        self.grad_weight = g.grad_weight if self.weight is not None else None
+        self.grad_bias = (g.grad_bias if self._has_bias_grad and self.bias is not None
+                          else None)
+        self.grad_residual = grad_residual
+        return g.grad_input
+
+    _has_bias_grad = True
+    _rows = False
+
+
+class GroupNorm(_Norm):
+    """Group normalization as a layer: ``torch.nn.GroupNorm`` for NumPy.
+
+    Parameters
+    ----------
+    num_groups : int
+        Groups of channels normalized together; must divide ``num_channels``.
+    num_channels : int
+        ``C``.
+    eps : float > 0
+    affine : bool
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    axis : int
+        The channel axis: 1 for ``(N, C, ...)``, -1 for channels-last.
+    dtype : float dtype
+        Of the parameters (``x`` may have any dtype ``nbnorm.group_norm`` takes).
+    activation : {None, "relu"}
+        Fused: ``relu(gn(x) + residual)``.
+
+    The layer holds ``weight``, ``bias``, ``grad_weight``, ``grad_bias``,
+    ``grad_residual`` and reuses its buffers as ``nbnorm.BatchNorm`` does;
+    ``state_dict`` has PyTorch's keys (``weight``, ``bias``).
+    """
+
+    def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, axis=1,
+                 dtype=np.float32, activation=None):
+        C = _count(num_channels, "num_channels")
+        self.num_groups = norms._groups(num_groups, C)
+        self.num_channels = C
+        try:
+            self.axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        super().__init__((C,), eps, affine, True, dtype, activation)
+        self.affine = affine
+
+    def _check_shape(self, x):
+        ax = norms._channel_axis(self.axis, x)
+        if x.shape[ax] != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} channels on axis {self.axis}, "
+                             f"got input of shape {x.shape}")
+
+    def _apply(self, x, **kw):
+        return norms.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                axis=self.axis, **kw)
+
+    def _apply_backward(self, grad_out, x, mean, invstd, weight, **kw):
+        return norms.group_norm_backward(grad_out, x, mean, invstd, weight, axis=self.axis,
+                                         **kw)
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.weight is not None}"
+                + (f", axis={self.axis}" if self.axis != 1 else "")
+                + (f", activation={self.activation!r}" if self.activation else "") + ")")
+
+
+class _RowNorm(_Norm):
+    """Layer and RMS norm: over the trailing ``normalized_shape`` axes."""
+
+    _rows = True
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, dtype, activation):
+        try:
+            shape = (operator.index(normalized_shape),)
+        except TypeError:
+            try:
+                shape = tuple(operator.index(d) for d in normalized_shape)
+            except TypeError:
+                raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                                f"got {normalized_shape!r}") from None
+        if not shape or min(shape) < 1:
+            raise ValueError(f"normalized_shape must be positive sizes, got {shape}")
+        self.normalized_shape = shape
+        super().__init__(shape, eps, elementwise_affine, bias, dtype, activation)
+        self.elementwise_affine = self.weight is not None
+
+    def _check_shape(self, x):
+        norms._normalized_shape(self.normalized_shape, x)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}"
+                + (", bias=False" if self._has_bias_grad and self.elementwise_affine
+                   and self.bias is None else "")
+                + (f", activation={self.activation!r}" if self.activation else "") + ")")
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalization as a layer: ``torch.nn.LayerNorm`` for NumPy.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing axes normalized together.
+    eps : float > 0
+    elementwise_affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros) of ``normalized_shape``.
+    bias : bool
+        With ``elementwise_affine``: whether there is a ``bias``.
+    dtype, activation :
+        As ``GroupNorm``.
+    """
+
+    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32, activation=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, dtype, activation)
+
+    def _apply(self, x, **kw):
+        return norms.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                **kw)
+
+    def _apply_backward(self, grad_out, x, mean, invstd, weight, **kw):
+        return norms.layer_norm_backward(grad_out, x, mean, invstd, weight, **kw)
+
+
+class RMSNorm(_RowNorm):
+    """RMS normalization as a layer: ``torch.nn.RMSNorm`` for NumPy.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+    eps : float > 0 or None
+        ``None``: the machine epsilon of ``x``'s dtype, as PyTorch.
+    elementwise_affine : bool
+        A learnable ``weight`` (ones); RMS norm has no bias.
+    dtype, activation :
+        As ``GroupNorm``.
+    """
+
+    _stat_names = ("invrms",)
+    _has_bias_grad = False
+
+    def __init__(self, normalized_shape, *, eps=None, elementwise_affine=True,
+                 dtype=np.float32, activation=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype, activation)
+
+    def _apply(self, x, **kw):
+        return norms.rms_norm(x, self.normalized_shape, self.weight, self.eps, **kw)
+
+    def _apply_backward(self, grad_out, x, invrms, weight, **kw):
+        return norms.rms_norm_backward(grad_out, x, invrms, weight, **kw)
+
+
+def _count(value, name):
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be at least 1, got {n}")
+    return n
