@@ -43,3 +43,25 @@ def test_digits_bn(tmp_path):
     # At the moderate rate both train, batch norm faster (lower loss after as many epochs).
     assert min(by[bn, moderate]["test_accuracy"] for bn in (True, False)) > 0.85
     assert by[True, moderate]["final_train_loss"] < by[False, moderate]["final_train_loss"]
+
+
+def test_small_batch(tmp_path):
+    runs = quick_run("small_batch", tmp_path, ["accuracy.png"])["runs"]
+    acc = {(r["norm"], r["batch_per_rank"]): r["test_accuracy"] for r in runs}
+    assert len(acc) == len(runs) == 9
+    # Batch norm degrades with 2 samples per rank...
+    assert acc["batch norm", 32] > acc["batch norm", 2] + 0.1
+    # ...and both the whole batch's statistics and per-sample ones recover it.
+    for remedy in ("sync batch norm", "group norm"):
+        assert acc[remedy, 2] > 0.9
+        assert acc[remedy, 2] > acc["batch norm", 2] + 0.1
+
+
+def test_fold_inference(tmp_path):
+    r = quick_run("fold_inference", tmp_path, ["timing.png"])
+    assert r["test_accuracy_with_batch_norm"] > 0.9
+    assert r["same_predictions"]
+    assert r["test_accuracy_folded"] == r["test_accuracy_with_batch_norm"]
+    # float32 rounding of the folded weights, not another function
+    assert r["max_abs_logit_difference"] <= 1e-5 * max(1.0, r["max_abs_logit"])
+    assert r["seconds_folded"] > 0 and r["seconds_in_batch_norms"] > 0
