@@ -65,3 +65,14 @@ def test_fold_inference(tmp_path):
     # float32 rounding of the folded weights, not another function
     assert r["max_abs_logit_difference"] <= 1e-5 * max(1.0, r["max_abs_logit"])
     assert r["seconds_folded"] > 0 and r["seconds_in_batch_norms"] > 0
+
+
+def test_torch_convert(tmp_path):
+    pytest.importorskip("torch")
+    r = quick_run("torch_convert", tmp_path, ["curves.png"])
+    assert len(r["loss_torch"]) == len(r["loss_nbnorm"]) == r["steps"]
+    assert r["loss_torch"][-1] < 0.5 * r["loss_torch"][0]  # it trains
+    # The same training, step by step, up to float32 rounding.
+    assert r["max_relative_difference"] < 1e-5
+    assert abs(r["test_accuracy_torch"] - r["test_accuracy_nbnorm"]) <= 0.01
+    assert r["median_step_seconds_torch"] > 0 and r["median_step_seconds_nbnorm"] > 0
