@@ -4,6 +4,7 @@ takes (its arithmetic is tested in test_fold.py); PyTorch's own fusion is wrong
 for grouped transposed convolutions (pytorch#180995), nbnorm's is not."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -68,6 +69,31 @@ def test_fused_layer_is_bn_of_layer(rng, make_conv, make_bn, shape):
     _assert_close(fused(x), bn(conv(x)), EXACT64)
     for k, v in conv.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+#: (layer, batch-norm class, input shape) x conv bias x batch-norm options
+SWEEP_LAYERS = [(lambda b: nn.Conv1d(4, 6, 3, groups=2, bias=b), nn.BatchNorm1d, (2, 4, 7)),
+                (lambda b: nn.Conv3d(2, 3, 2, stride=2, bias=b), nn.BatchNorm3d, (2, 2, 4, 3, 4)),
+                (lambda b: nn.ConvTranspose1d(4, 6, 3, groups=2, bias=b), nn.BatchNorm1d,
+                 (2, 4, 5)),
+                (lambda b: nn.ConvTranspose3d(4, 4, 2, groups=4, bias=b), nn.BatchNorm3d,
+                 (2, 4, 2, 3, 2)),
+                (lambda b: nn.Conv2d(6, 6, 3, groups=6, dilation=2, bias=b), nn.BatchNorm2d,
+                 (2, 6, 7, 7)),
+                (lambda b: nn.Linear(3, 5, bias=b), nn.BatchNorm1d, (4, 3))]
+SWEEP = list(itertools.product(SWEEP_LAYERS, [True, False],
+                               [{}, dict(affine=False), dict(bias=False), dict(eps=0.1)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer,conv_bias,bn_options", SWEEP)
+def test_every_layer_kind_folds(rng, layer, conv_bias, bn_options):
+    make_conv, bn_class, shape = layer
+    conv = make_conv(conv_bias).double()
+    C = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    bn = _randomized(bn_class(C, **bn_options).double(), rng)
+    x = _x(rng, shape)
+    _assert_close(nt.fuse_conv_bn_eval(conv, bn)(x), bn(conv(x)), EXACT64)
 
 
 def test_pytorch_fusion_wrong_for_grouped_transposed_conv(rng):

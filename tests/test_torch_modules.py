@@ -6,6 +6,8 @@ statistics, the batch counter); the epilogue against ``relu(bn(x) + r)``;
 with PyTorch's batch norm and with nbnorm's."""
 
 import copy
+import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -163,6 +165,26 @@ def test_module_as_torch(rng, ours, kwargs, attrs, shape, memory, dtype):
         assert torch.equal(p, q)
 
 
+#: (nbnorm class, input shape, memory format) x options x dtype, for the sweep
+SWEEP_INPUTS = [(nt.BatchNorm1d, (6, 3), None), (nt.BatchNorm1d, (4, 3, 5), None),
+                (nt.BatchNorm2d, (3, 3, 4, 5), None),
+                (nt.BatchNorm2d, (3, 3, 4, 5), torch.channels_last),
+                (nt.BatchNorm3d, (2, 3, 3, 4, 2), None),
+                (nt.BatchNorm3d, (2, 3, 3, 4, 2), torch.channels_last_3d)]
+SWEEP_OPTIONS = [{}, dict(momentum=None), dict(affine=False), dict(bias=False),
+                 dict(track_running_stats=False), dict(eps=1e-3, momentum=0.5)]
+SWEEP = [(cls, dict(num_features=shape[1], **options), {}, shape, memory, dtype)
+         for (cls, shape, memory), options, dtype in itertools.product(
+             SWEEP_INPUTS, SWEEP_OPTIONS, [torch.float32, torch.float64])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ours,kwargs,attrs,shape,memory,dtype", SWEEP,
+                         ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(SWEEP)])
+def test_every_option_layout_and_dtype_as_torch(rng, ours, kwargs, attrs, shape, memory, dtype):
+    test_module_as_torch(rng, ours, kwargs, attrs, shape, memory, dtype)
+
+
 @pytest.mark.parametrize("memory", [None, torch.channels_last], ids=["NCHW", "channels_last"])
 def test_empty_batch_as_torch(rng, memory):
     """N=0 runs as PyTorch runs it: an empty output and input gradient, zero
@@ -177,8 +199,19 @@ def test_empty_batch_as_torch(rng, memory):
     assert int(a.num_batches_tracked) == 1
 
 
+_SLOW = pytest.mark.slow
+HALF_INPUTS = [pytest.param(nt.BatchNorm2d, (3, 4, 5, 6), None, id="NCHW"),
+               pytest.param(nt.BatchNorm1d, (9, 4), None, id="NC", marks=_SLOW),
+               pytest.param(nt.BatchNorm1d, (3, 4, 7), None, id="NCL", marks=_SLOW),
+               pytest.param(nt.BatchNorm2d, (3, 4, 5, 6), torch.channels_last,
+                            id="channels_last", marks=_SLOW),
+               pytest.param(nt.BatchNorm3d, (2, 4, 3, 2, 5), torch.channels_last_3d,
+                            id="channels_last_3d", marks=_SLOW)]
+
+
+@pytest.mark.parametrize("ours,shape,memory", HALF_INPUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_cpu_half_as_torch(rng, dtype):
+def test_cpu_half_as_torch(rng, dtype, ours, shape, memory):
     """Half data with half parameters and with float32 ones (autocast's mix):
     PyTorch's results to half precision, the float64 batch norm of the same
     rounded data to a few units in the last place."""
@@ -186,11 +219,11 @@ def test_cpu_half_as_torch(rng, dtype):
         pytest.importorskip("ml_dtypes")
     tol = _tol(dtype)
     for pdt in (dtype, torch.float32):
-        a, b = _twins(rng, nt.BatchNorm2d, dict(num_features=4), pdt)
+        a, b = _twins(rng, ours, dict(num_features=shape[1]), pdt)
         for mode in ("train", "eval"):
             a.train(mode == "train")
             b.train(mode == "train")
-            x = _tensor(rng, (3, 4, 5, 6), dtype)
+            x = _tensor(rng, shape, dtype, memory)
             stats = [t.double() for t in (a.running_mean, a.running_var)]
             params = [p.detach().double().requires_grad_() for p in (a.weight, a.bias)]
             what = f"{pdt} parameters, {mode}"
@@ -279,10 +312,11 @@ def test_gradcheck_and_no_double_backward(rng):
 
 def _cnn(dtype, seed):
     """conv -> BN -> relu twice, then a linear layer; one BN with the
-    cumulative average."""
+    cumulative average, one ReLU in place on the BN's output."""
     torch.manual_seed(seed)
     nn = torch.nn
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         nn.ReLU(inplace=True),
                          nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=None),
                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).to(dtype)
 
@@ -340,6 +374,23 @@ def test_compile_aot_eager_trains_as_eager(rng):
                          "losses")
     _assert_states(compiled_model, model, exact, "after training")
     _assert_close(compiled.eval()(batches[0][0]), model.eval()(batches[0][0]), exact, "eval")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,dynamic", [("aot_eager", True), ("inductor", False)])
+def test_compile_trains_as_eager_slow(rng, backend, dynamic):
+    """Inductor (needs a C++ compiler; a minute to compile), and varying batch
+    sizes of channels_last data under dynamic shapes."""
+    if backend == "inductor" and shutil.which("g++") is None:
+        pytest.skip("Inductor needs a C++ compiler")
+    model = nt.convert(_cnn(torch.float32, int(rng.integers(1 << 31))))
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend=backend, dynamic=dynamic, fullgraph=True)
+    batches = [(x.contiguous(memory_format=torch.channels_last)[:n], y[:n])
+               for (x, y), n in zip(_batches(rng, torch.float32, 3), (8, 5, 6))]
+    tol = TORCH_TOL[np.dtype(np.float32)]
+    helpers.assert_close(_train(compiled, batches, 3), _train(model, batches, 3), tol, "losses")
+    _assert_states(compiled_model, model, tol, "after training")
 
 
 def test_export_eval_and_train(rng):
