@@ -256,6 +256,57 @@ def test_relu_residual_epilogue_as_torch(rng, training):
         nt.BatchNorm2d(4, activation="gelu")
 
 
+def test_unsupported_tensors_run_torch_batch_norm(rng, monkeypatch):
+    """Tensors nbnorm's kernels do not take (CUDA bfloat16, other devices; here
+    every tensor) run PyTorch's batch norm, the counter and epilogue included."""
+    from nbnorm.torch import tensors
+
+    monkeypatch.setattr(tensors, "supported", lambda t: False)
+
+    def no_op(*args):
+        raise AssertionError("nbnorm's op called for an unsupported tensor")
+
+    monkeypatch.setattr(ops, "batch_norm_op", no_op)
+    tol = TORCH_TOL[np.dtype(np.float64)]
+    kwargs = dict(num_features=3, momentum=None, activation="relu")
+    a, b = _twins(rng, nt.BatchNorm2d, kwargs, torch.float64)
+    for mode in ("train", "train", "eval"):
+        a.train(mode == "train")
+        b.train(mode == "train")
+        x, r = (_tensor(rng, (2, 3, 4, 5), torch.float64) for _ in range(2))
+        _step(rng, a, b, x, tol, mode, residual=r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,memory", [(torch.float32, None),
+                                          (torch.float32, torch.channels_last),
+                                          (torch.float16, None)], ids=["float32", "cl", "half"])
+def test_cuda_module_as_torch(rng, dtype, memory):
+    """CUDA tensors run nbnorm's kernels (on PyTorch's current stream) with
+    torch's results; compared on the host."""
+    from nbnorm.torch import tensors
+
+    x = _tensor(rng, (4, 3, 5, 6), dtype, memory).cuda()
+    assert tensors.supported(x), "numba-cuda cannot run on this device"
+    a, b = (m.cuda() for m in _twins(rng, nt.BatchNorm2d, dict(num_features=3), dtype))
+    tol = _tol(dtype)
+    for mode in ("train", "eval"):
+        a.train(mode == "train")
+        b.train(mode == "train")
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a(xa), b(xb)
+        assert ya.is_cuda and ya.stride() == yb.stride()
+        dy = torch.randn_like(yb)
+        (ya * dy).sum().backward()
+        (yb * dy).sum().backward()
+        for got, exp, what in [(ya, yb, "out"), (xa.grad, xb.grad, "grad_input"),
+                               (a.weight.grad, b.weight.grad, "grad weight"),
+                               (a.running_var, b.running_var, "running_var")]:
+            _assert_close(got.cpu(), exp.cpu(), _sum_tol(tol, exp.cpu()), f"{mode} {what}")
+        a.zero_grad()
+        b.zero_grad()
+
+
 def _op_inputs(rng, shape=(3, 4, 5), dtype=torch.float64):
     x = _tensor(rng, shape, dtype).requires_grad_()
     C = shape[1]
