@@ -6,6 +6,7 @@ The examples import this module as ``common`` (they run as scripts from
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -74,16 +75,29 @@ def write_results(out, results):
 def digits(seed=0, test_fraction=0.25, dtype=np.float32):
     """scikit-learn's bundled 8x8 digits (1797 images, no download), pixels scaled
     to [0, 1], split into train and test sets stratified by class:
-    ``(x_train, y_train, x_test, y_test)`` with ``x`` of shape ``(n, 64)``."""
-    need("sklearn")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    ``(x_train, y_train, x_test, y_test)`` with ``x`` of shape ``(n, 64)``.
 
-    data = load_digits()
-    x = (data.data / 16.0).astype(dtype)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=test_fraction,
-                                              random_state=seed, stratify=data.target)
-    return x_tr, y_tr, x_te, y_te
+    The images are read from the file ``sklearn.datasets.load_digits`` reads,
+    without importing scikit-learn (seconds: it imports SciPy), which is
+    imported only if the file is not where it has always been."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        need("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                        "digits.csv.gz")
+    if os.path.exists(path):
+        table = np.loadtxt(path, delimiter=",")
+        pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+        pixels, labels = load_digits(return_X_y=True)
+    x = (pixels / 16.0).astype(dtype)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):  # the same share of every class in the test set
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test[members[:round(test_fraction * len(members))]] = True
+    return x[~test], labels[~test], x[test], labels[test]
 
 
 class Linear:
