@@ -161,7 +161,8 @@ def test_refusals():
 
 class _Net(nn.Module):
     """Foldable pairs (plain, grouped bias-free, grouped transposed into an
-    affine-free BN, Linear into BatchNorm1d) among pairs that are not: a BN
+    affine-free BN, Linear into BatchNorm1d) among nbnorm's other norms and
+    pairs that are not: a BN
     after a pooling, one with nbnorm's fused ReLU, one with a residual, one
     without running statistics, and a layer whose output is also used
     elsewhere."""
@@ -170,6 +171,7 @@ class _Net(nn.Module):
         super().__init__()
         self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), nt.BatchNorm2d(4)
+        self.gn = nt.GroupNorm(2, 4)  # traced whole, as torch.nn's modules are
         self.c3, self.b3 = nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4, activation="relu")
         self.c4, self.b4 = nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4)
         self.c5, self.b5 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
@@ -181,7 +183,7 @@ class _Net(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.b1(self.c1(x)))
-        x = self.b2(self.c2(x))
+        x = self.gn(self.b2(self.c2(x)))
         x = self.b3(self.c3(x))
         x = self.b4(self.c4(x), x)
         x = self.b5(self.c5(x))

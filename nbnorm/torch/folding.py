@@ -16,7 +16,6 @@ from torch import fx
 import nbnorm
 
 from . import tensors
-from .modules import _BatchNorm as _NbnormBatchNorm
 
 __all__ = ["fuse_conv_bn_eval", "fold_model"]
 
@@ -96,13 +95,19 @@ def fuse_conv_bn_eval(conv, bn):
     return fused
 
 
+#: The prefix of the modules that define nbnorm.torch's classes.
+_NBNORM_TORCH = __name__.rpartition(".")[0] + "."
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that keeps nbnorm's modules whole, as it keeps torch.nn's
-    (their ``forward`` checks the input's rank, which a proxy cannot answer)."""
+    (their ``forward`` checks the input's rank, which a proxy cannot answer):
+    every instance of a class of nbnorm.torch (batch, group, layer, instance
+    and RMS norm) or of a subclass of one."""
 
     def is_leaf_module(self, m, module_qualified_name):
-        return isinstance(m, _NbnormBatchNorm) or super().is_leaf_module(
-            m, module_qualified_name)
+        return (any(c.__module__.startswith(_NBNORM_TORCH) for c in type(m).__mro__)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _foldable(node, modules, calls):
