@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(r'''
 import json, re, time
 from numba import cuda, types
-from nbnorm.cuda import backward, finalize, forward, stats
+from nbnorm.cuda import backward, finalize, forward, norms, stats
 
 import numba.cuda.dispatcher as _dispatcher
 
@@ -109,6 +109,49 @@ for pk, pt in (("float", types.float32), ("float", types.float64), ("float", typ
         entries.append(("merge_moments", "float64", None, meta,
                         finalize.merge_moments_kernel(pk, pk), (f64, f64, W, W, M2)))
 
+# group/layer/instance/RMS norm (cuda.norms): one block per unit of the group
+# view x[N, S, G, K, R]; configurations: affine, RMS (weight only), a fused
+# residual + ReLU, given statistics (instance norm in inference); backward in
+# training and inference, with the ReLU mask and grad_residual, RMS
+M2F = types.Array(f64, 2, "C")
+F1 = types.Array(f64, 1, "C")
+for kind, st in STORAGE.items():
+    D5 = types.Array(st, 5, "C")
+    S2 = types.Array(STAT[kind], 2, "C")
+    V1 = types.Array(STAT[kind], 1, "C")
+    pk = "bfloat16" if kind == "bfloat16" else "float"
+    W = types.Array(types.int16 if kind == "bfloat16" else types.float32, 1, "C")
+    for shuffle in (True,):  # shared memory (False) is the simulator's path: test_cuda_norms
+        for w, b, res, relu, given, rms in ((True, True, False, False, False, False),
+                                            (True, False, False, False, False, True),
+                                            (True, True, True, True, False, False),
+                                            (False, False, False, False, True, False)):
+            meta = {"weight": w, "bias": b, "residual": res, "relu": relu, "given": given,
+                    "rms": rms}
+            k = norms._forward_kernel(tpb, shuffle, kind, kind, kind if res else None, pk,
+                                      w, b, res, relu, given, rms)
+            entries.append(("norm_forward", kind, shuffle, meta, k,
+                            (D5, W if w else F1, W if b else F1, D5 if res else F1, F1, F1,
+                             f64, D5, M2F, M2F, S2)))
+        for w, mask, gres, rms, training in ((True, False, False, False, True),
+                                             (True, True, True, False, True),
+                                             (True, False, False, True, True),
+                                             (False, False, False, False, False)):
+            meta = {"weight": w, "mask": mask, "grad_residual": gres, "rms": rms,
+                    "training": training}
+            gi, gp = norms._backward_kernels(tpb, shuffle, kind, kind, pk, w, mask, gres, rms,
+                                             training, not rms)
+            entries.append(("norm_grad_input", kind, shuffle, meta, gi,
+                            (D5, D5, D5, S2, S2, W if w else F1, D5, D5)))
+            entries.append(("norm_grad_params", kind, shuffle, meta, gp,
+                            (D5, D5, D5, S2, S2, V1, V1)))
+    entries.append(("norm_copy_mean", kind, None, {}, norms._copy2, (M2F, S2)))
+    entries.append(("norm_fill_mean", kind, None, {}, norms._fill_mean, (F1, S2)))
+for rt in (types.float32, types.float64):
+    R1 = types.Array(rt, 1, "C")
+    entries.append(("norm_running", str(rt), None, {}, norms._running,
+                    (M2F, M2F, f64, f64, R1, R1)))
+
 LOAD2 = re.compile(r"\bld\.global(?:\.nc)?\.[bu]16\b")
 STORE2 = re.compile(r"\bst\.global\.[bu]16\b")
 report = {"compiled": [], "errors": [], "seconds": 0.0}
@@ -133,6 +176,8 @@ REDUCTIONS = {"channel_stats_planar", "channel_stats_interleaved",
               "backward_reduce_planar", "backward_reduce_interleaved"}
 PER_CHANNEL = {"merge_stats", "merge_sums", "merge_moments", "finalize_train",
                "finalize_infer", "finalize_backward"}
+NORMS = {"norm_forward", "norm_grad_input", "norm_grad_params", "norm_copy_mean",
+         "norm_fill_mean", "norm_running"}
 KINDS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -168,8 +213,8 @@ def _entries(report, name=None, kind=None, **meta):
 def test_every_kernel_compiles_to_ptx(report):
     assert report["errors"] == []
     names = {e["name"] for e in report["compiled"]}
-    assert names == ELEMENTWISE | REDUCTIONS | PER_CHANNEL
-    for name in ELEMENTWISE | REDUCTIONS:
+    assert names == ELEMENTWISE | REDUCTIONS | PER_CHANNEL | NORMS
+    for name in ELEMENTWISE | REDUCTIONS | NORMS - {"norm_running"}:
         for kind in KINDS:
             assert _entries(report, name, kind), (name, kind)
 
@@ -191,6 +236,24 @@ def test_kernel_modules_have_no_kernel_without_a_signature():
     assert set(proc.stdout.split()) == ELEMENTWISE | REDUCTIONS | PER_CHANNEL
 
 
+def test_norm_kernels_have_signatures():
+    """The module-level kernels of ``cuda.norms`` are those the script compiles
+    besides its two factories' (``_forward_kernel``, ``_backward_kernels``):
+    a new one must be added there."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent('''
+            from numba.cuda.dispatcher import CUDADispatcher
+            from nbnorm.cuda import norms
+            print(" ".join(sorted(n for n, v in vars(norms).items()
+                                  if isinstance(v, CUDADispatcher)
+                                  and not v.targetoptions.get("device"))))
+        ''')], env={**{k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"},
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert set(proc.stdout.split()) == {"_copy2", "_fill_mean", "_running"}
+
+
 def test_reductions_use_warp_shuffles_on_the_gpu_path(report):
     for name in REDUCTIONS:
         for kind in KINDS:
@@ -202,14 +265,16 @@ def test_half_conversions_are_native_or_round_to_odd(report):
     """float16 loads and stores are single cvt instructions (cvt.rn.f16.f64 rounds
     float64 correctly); bfloat16 stores round through float32 toward zero plus a
     sticky bit (cvt.rz.f32.f64), never through a second round-to-nearest."""
+    data_stores = ELEMENTWISE | {"norm_forward", "norm_grad_input"}
     for e in _entries(report, kind="float16"):
-        if e["name"] in ELEMENTWISE | REDUCTIONS:
+        if e["name"] in ELEMENTWISE | REDUCTIONS | {"norm_forward", "norm_grad_input",
+                                                    "norm_grad_params"}:
             assert e["f16_load"], e
-        if e["name"] in ELEMENTWISE:
+        if e["name"] in data_stores:
             assert e["f16_store"] and not e["rz"], e
     for e in _entries(report, kind="bfloat16"):
         assert not e["f16_load"] and not e["f16_store"], e
-        assert e["rz"] == (e["name"] in ELEMENTWISE), e
+        assert e["rz"] == (e["name"] in data_stores), e
     for e in _entries(report, "finalize_train"):
         if e["meta"]["param"] == "int16":  # bfloat16 running statistics are rounded too
             assert e["rz"], e

@@ -23,6 +23,14 @@ from ._device import launch_params, reducers
 from .arrays import as_stream
 
 
+# Bound to globals: a kernel compiled for a GPU resolves device functions by
+# global name (attributes of a namespace are not typed; the simulator, which
+# runs Python, would not notice).
+_invrms = pcm.invrms
+_invstd = pcm.invstd
+_relu = pcm.relu
+_running_update = pcm.running_update
+
 @cuda.jit(device=True)
 def _everyone(a, b, t, sa, sb):
     """Thread 0's ``(a, b)`` (a block sum, valid there) in every thread."""
@@ -35,6 +43,25 @@ def _everyone(a, b, t, sa, sb):
     b = sb[0]
     cuda.syncthreads()
     return a, b
+
+
+@cuda.jit(device=True)
+def _unit(x):
+    """This block's unit of the group view ``x[N, S, G, K, R]``: ``(n, g)``, the
+    unit's size ``L = S * K * R`` and ``K * R``."""
+    N, S, G, K, R = x.shape
+    u = cuda.blockIdx.x
+    n = u // G
+    return n, u - n * G, S * K * R, K * R
+
+
+@cuda.jit(device=True)
+def _at(j, KR, R):
+    """``(s, k, r)`` of a unit's flat index ``j = (s * K + k) * R + r``."""
+    s = j // KR
+    q = j - s * KR
+    k = q // R
+    return s, k, q - k * R
 
 
 def _kind(a):
@@ -53,42 +80,35 @@ def _forward_kernel(tpb, shuffle, xk, ok, rk, pk, has_w, has_b, has_res, relu, g
 
     @cuda.jit
     def kernel(x, w, b, res, gm, gv, eps, out, mu_out, m2_out, inv_out):
-        N, S, G, K, R = x.shape
-        u = cuda.blockIdx.x
-        n = u // G
-        g = u - n * G
+        n, g, L, KR = _unit(x)
+        K = x.shape[3]
+        R = x.shape[4]
         t = cuda.threadIdx.x
-        L = S * K * R
-        KR = K * R
         sa = cuda.shared.array(tpb, float64)
         sb = cuda.shared.array(tpb, float64)
         if given:
             mu = float64(gm[g])
-            inv = pcm.invstd(float64(gv[g]), 1.0, eps)
+            inv = _invstd(float64(gv[g]), 1.0, eps)
         else:
             acc = 0.0
             for j in range(t, L, tpb):
-                s = j // KR
-                q = j - s * KR
-                k = q // R
-                acc += load_x(x[n, s, g, k, q - k * R])
+                s, k, r = _at(j, KR, R)
+                acc += load_x(x[n, s, g, k, r])
             tot, _ = block_sum2(acc, 0.0, t, 1, sa, sb)
             tot, _ = _everyone(tot, 0.0, t, sa, sb)
             m = tot / L
             acc = 0.0
             for j in range(t, L, tpb):
-                s = j // KR
-                q = j - s * KR
-                k = q // R
-                d = load_x(x[n, s, g, k, q - k * R]) - m
+                s, k, r = _at(j, KR, R)
+                d = load_x(x[n, s, g, k, r]) - m
                 acc += d * d
             m2, _ = block_sum2(acc, 0.0, t, 1, sa, sb)
             m2, _ = _everyone(m2, 0.0, t, sa, sb)
             if rms:
-                inv = pcm.invrms(m, m2, L, eps)
+                inv = _invrms(m, m2, L, eps)
                 mu = 0.0
             else:
-                inv = pcm.invstd(m2, L, eps)
+                inv = _invstd(m2, L, eps)
                 mu = m
             if t == 0:
                 mu_out[n, g] = m
@@ -96,10 +116,7 @@ def _forward_kernel(tpb, shuffle, xk, ok, rk, pk, has_w, has_b, has_res, relu, g
         if t == 0:
             inv_out[n, g] = inv
         for j in range(t, L, tpb):
-            s = j // KR
-            q = j - s * KR
-            k = q // R
-            r = q - k * R
+            s, k, r = _at(j, KR, R)
             c = g * K + k
             sc = inv * load_p(w[c]) if has_w else inv
             v = (load_x(x[n, s, g, k, r]) - mu) * sc
@@ -108,7 +125,7 @@ def _forward_kernel(tpb, shuffle, xk, ok, rk, pk, has_w, has_b, has_res, relu, g
             if has_res:
                 v += load_r(res[n, s, g, k, r])
             if relu:
-                v = pcm.relu(v)
+                v = _relu(v)
             out[n, s, g, k, r] = store_o(v)
 
     return kernel
@@ -132,13 +149,10 @@ def _backward_kernels(tpb, shuffle, xk, gk, pk, has_w, has_mask, has_gres, rms, 
 
     @cuda.jit
     def grad_input(dy, fo, x, mean, invstd, w, dx, gres):
-        N, S, G, K, R = x.shape
-        u = cuda.blockIdx.x
-        n = u // G
-        g = u - n * G
+        n, g, L, KR = _unit(x)
+        K = x.shape[3]
+        R = x.shape[4]
         t = cuda.threadIdx.x
-        L = S * K * R
-        KR = K * R
         sa = cuda.shared.array(tpb, float64)
         sb = cuda.shared.array(tpb, float64)
         mu = 0.0 if rms else float64(mean[n, g])
@@ -149,10 +163,7 @@ def _backward_kernels(tpb, shuffle, xk, gk, pk, has_w, has_mask, has_gres, rms, 
             s1 = 0.0
             s2 = 0.0
             for j in range(t, L, tpb):
-                s = j // KR
-                q = j - s * KR
-                k = q // R
-                r = q - k * R
+                s, k, r = _at(j, KR, R)
                 gv = masked(dy, fo, n, s, g, k, r)
                 if has_w:
                     gv *= load_p(w[g * K + k])
@@ -163,10 +174,7 @@ def _backward_kernels(tpb, shuffle, xk, gk, pk, has_w, has_mask, has_gres, rms, 
             a = 0.0 if rms else s1 / L
             bb = s2 / L
         for j in range(t, L, tpb):
-            s = j // KR
-            q = j - s * KR
-            k = q // R
-            r = q - k * R
+            s, k, r = _at(j, KR, R)
             d = masked(dy, fo, n, s, g, k, r)
             if has_gres:
                 gres[n, s, g, k, r] = store_x(d)
@@ -262,7 +270,7 @@ def _running(mu, m2, n, momentum, rm, rv):
     for i in range(N):
         sm += mu[i, g]
         sv += m2[i, g]
-    new_mean, new_var = pcm.running_update(float64(rm[g]), float64(rv[g]), momentum, sm / N,
+    new_mean, new_var = _running_update(float64(rm[g]), float64(rv[g]), momentum, sm / N,
                                            sv / N, n, 1.0)
     rm[g] = new_mean
     rv[g] = new_var
