@@ -161,11 +161,10 @@ def test_refusals():
 
 class _Net(nn.Module):
     """Foldable pairs (plain, grouped bias-free, grouped transposed into an
-    affine-free BN, Linear into BatchNorm1d) among nbnorm's other norms and
-    pairs that are not: a BN
-    after a pooling, one with nbnorm's fused ReLU, one with a residual, one
-    without running statistics, and a layer whose output is also used
-    elsewhere."""
+    affine-free BN, one in a Sequential, Linear into BatchNorm1d) among
+    nbnorm's other norms and pairs that are not: a BN after a pooling, one
+    with nbnorm's fused ReLU, one with a residual, one without running
+    statistics, and a layer whose output is also used elsewhere."""
 
     def __init__(self):
         super().__init__()
@@ -179,6 +178,7 @@ class _Net(nn.Module):
         self.t, self.bt = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(
             6, affine=False)
         self.bp = nn.BatchNorm2d(6)
+        self.block = nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
         self.fc, self.bf = nn.Linear(6, 5), nn.BatchNorm1d(5)
 
     def forward(self, x):
@@ -190,11 +190,11 @@ class _Net(nn.Module):
         y = self.c6(x)
         x = self.b6(y) + y
         x = self.bt(self.t(x))
-        x = self.bp(nn.functional.max_pool2d(x, 2))
+        x = self.block(self.bp(nn.functional.max_pool2d(x, 2)))
         return self.bf(self.fc(x.mean((2, 3))))
 
 
-FOLDED = {"b1", "b2", "bt", "bf"}
+FOLDED = {"b1", "b2", "bt", "block.1", "bf"}
 
 
 def test_fold_model_folds_every_pair(rng):
