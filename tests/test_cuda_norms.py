@@ -58,3 +58,46 @@ def test_instance_norm_running_stats_match_cpu(rng):
     _close(d.out, c.out)
     _close(drm, rm)
     _close(drv, rv)
+
+
+def test_half_data_with_fused_relu_residual_match_cpu(rng):
+    """float16 data, ``relu(gn(x) + r)`` forward and the masked backward with
+    ``grad_residual``: the device and the CPU agree to the half format's rounding
+    (each rounds once from its own arithmetic, so a value may differ by an ulp)."""
+    shape = (2, 4, 3, 2)
+    x, r, dy = (rng.standard_normal(shape).astype(np.float16) for _ in range(3))
+    w, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    c = nn.group_norm(x, 2, w, b, activation="relu", residual=r)
+    d = nn.group_norm(cuda.to_device(x), 2, cuda.to_device(w), cuda.to_device(b),
+                      activation="relu", residual=cuda.to_device(r))
+    assert _host(d.out).dtype == np.float16 and _host(d.mean).dtype == np.float32
+    _close(d.out.copy_to_host().astype(np.float64), c.out.astype(np.float64), 2e-3)
+    _close(d.invstd, c.invstd, 1e-6)
+    gres_c, gres_d = np.empty_like(x), cuda.device_array(shape, np.float16)
+    cb = nn.group_norm_backward(dy, x, c.mean, c.invstd, w, activation="relu",
+                                forward_out=c.out, grad_residual=gres_c)
+    db = nn.group_norm_backward(cuda.to_device(dy), cuda.to_device(x), d.mean, d.invstd,
+                                cuda.to_device(w), activation="relu", forward_out=d.out,
+                                grad_residual=gres_d)
+    mask_agrees = (c.out > 0) == (_host(d.out) > 0)
+    assert mask_agrees.mean() > 0.9
+    np.testing.assert_array_equal(_host(gres_d)[mask_agrees], gres_c[mask_agrees])
+    if mask_agrees.all():
+        _close(db.grad_input.copy_to_host().astype(np.float64),
+               cb.grad_input.astype(np.float64), 1e-2)
+        _close(db.grad_weight, cb.grad_weight, 1e-3)
+
+
+def test_bad_input_on_the_device_writes_nothing(rng):
+    x = rng.standard_normal((2, 4, 3))
+    out = cuda.to_device(np.full(x.shape, 7.0))
+    dx = cuda.to_device(x)
+    with pytest.raises(TypeError):  # a residual of another dtype
+        nn.layer_norm(dx, 3, out=out, residual=cuda.to_device(x.astype(np.float32)))
+    with pytest.raises(TypeError):  # host and device arrays in one call
+        nn.layer_norm(dx, 3, np.ones(3), out=out)
+    with pytest.raises(ValueError):  # num_groups that does not divide C
+        nn.group_norm(dx, 3, out=out)
+    with pytest.raises(ValueError):  # an unknown activation
+        nn.rms_norm(dx, 3, activation="gelu", out=out)
+    np.testing.assert_array_equal(out.copy_to_host(), 7.0)
