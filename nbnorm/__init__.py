@@ -2,7 +2,7 @@
 
 from .api import (BackwardResult, ForwardResult, Moments, backward, backward_sums, forward,
                   merge_moments, moments)
-from .fold import fold
+from .folding import fold
 from .layer import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .norms import (RMSNormBackwardResult, RMSNormResult, group_norm, group_norm_backward,
                     instance_norm, instance_norm_backward, layer_norm, layer_norm_backward,

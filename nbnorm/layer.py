@@ -21,7 +21,7 @@ import numpy as np
 from . import dtypes
 from . import norms
 from .api import _activation, _axis, _data, _flag, _on_device, _scalar, backward, forward
-from .fold import host_array
+from .folding import host_array
 
 _FLOAT_KEYS = ("weight", "bias", "running_mean", "running_var")
 
