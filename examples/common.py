@@ -23,7 +23,8 @@ def need(module, extra="examples"):
 
 
 def parse_args(description, argv=None):
-    """``--quick`` (under a minute on 2 cores) and ``--out DIR`` (figures and results.json)."""
+    """``--quick`` (seconds: CI runs it), ``--out DIR`` (figures and results.json)
+    and ``--seed``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="fewer epochs and repeats: a run of seconds that shows the same effect")
@@ -39,15 +40,19 @@ def parse_args(description, argv=None):
     return args
 
 
-def one_blas_thread():
-    """Run NumPy's matrix products on one thread, for the rest of the process.
+def one_thread():
+    """Run NumPy's matrix products and nbnorm's kernels on one thread each, for
+    the rest of the process.
 
-    The examples' matrices are small (a batch of 32 by 128 features): there,
-    BLAS threads cost more to wake than they save, and on a busy machine they
-    fight Numba's threads for the cores (a step took 10x longer on 2 cores).
-    threadpoolctl comes with scikit-learn."""
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=1, user_api="blas")
+    The examples' arrays are small (a batch of 32 by 128 features): there,
+    threads cost more to wake and to wait for than they save, and on a busy
+    machine a parallel call waits for its slowest thread's turn on a core
+    (steps took 10x longer on 2 shared cores).  threadpoolctl comes with
+    scikit-learn; ``numba.set_num_threads`` is the thread count of nbnorm's
+    CPU kernels (docs/threads.md)."""
+    import numba
+    numba.set_num_threads(1)
+    return need("threadpoolctl").threadpool_limits(limits=1, user_api="blas")
 
 
 def pyplot():

@@ -97,7 +97,7 @@ def plot(runs, stats, out):
 
 def main(argv=None):
     args = common.parse_args(__doc__.split("\n\n")[0], argv)
-    common.one_blas_thread()
+    common.one_thread()
     data = common.digits(args.seed)
     epochs = 6 if args.quick else 40
     runs, tracked = [], None
