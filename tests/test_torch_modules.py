@@ -420,11 +420,11 @@ def test_compile_aot_eager_trains_as_eager(rng):
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
     batches = _batches(rng, torch.float32, 2)
-    exact = dict(rtol=0, atol=0)
-    helpers.assert_close(_train(compiled, batches, 3), _train(model, batches, 3), exact,
+    tol = dict(rtol=1e-6, atol=1e-6)  # the same kernels; a graph may order sums its way
+    helpers.assert_close(_train(compiled, batches, 3), _train(model, batches, 3), tol,
                          "losses")
-    _assert_states(compiled_model, model, exact, "after training")
-    _assert_close(compiled.eval()(batches[0][0]), model.eval()(batches[0][0]), exact, "eval")
+    _assert_states(compiled_model, model, tol, "after training")
+    _assert_close(compiled.eval()(batches[0][0]), model.eval()(batches[0][0]), tol, "eval")
 
 
 @pytest.mark.slow
@@ -449,15 +449,15 @@ def test_export_eval_and_train(rng):
     and updates the running statistics as eager mode does."""
     model = nt.convert(_cnn(torch.float32, int(rng.integers(1 << 31))))
     x = _tensor(rng, (8, 3, 6, 6))
-    exact = dict(rtol=0, atol=0)
+    tol = dict(rtol=1e-6, atol=1e-6)  # the same kernels; a graph may order sums its way
     for training in (False, True):
         model.train(training)
         eager = copy.deepcopy(model)
         ep = torch.export.export(model, (x,))
         assert sum("nbnorm.batch_norm" in str(n.target) for n in ep.graph.nodes) == 2
         exported = ep.module()
-        _assert_close(exported(x), eager(x), exact, f"training={training}")
-        _assert_states(exported, eager, exact, f"training={training}")
+        _assert_close(exported(x), eager(x), tol, f"training={training}")
+        _assert_states(exported, eager, tol, f"training={training}")
     assert int(eager[1].num_batches_tracked) == 1
 
 
