@@ -85,7 +85,8 @@ def plot(results, out):
     steps = np.arange(1, len(results["loss_torch"]) + 1)
     ax_loss.plot(steps, results["loss_torch"], label="torch.nn.BatchNorm2d")
     ax_loss.plot(steps, results["loss_nbnorm"], "--", label="nbnorm (convert)")
-    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log",
+                title="Training loss (float64)")
     ax_loss.legend()
     ax_diff.plot(steps, results["relative_difference"], "o", ms=3)
     ax_diff.axhline(np.finfo(np.float64).eps, color="gray", ls=":", label="float64 epsilon")
