@@ -19,6 +19,7 @@ times).  Without PyTorch it says so and exits.
 """
 
 import copy
+import importlib.util
 import time
 
 import numpy as np
@@ -98,13 +99,13 @@ def plot(results, out):
 
 def main(argv=None):
     args = common.parse_args(__doc__.split("\n\n")[0], argv)
-    try:
-        import torch
-        import nbnorm.torch
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("torch_convert: skipped, PyTorch is not installed "
               "(pip install \"nbnorm[torch]\")")
         return
+    import torch
+
+    import nbnorm.torch
     common.one_thread()
     torch.set_num_threads(1)  # as nbnorm's kernels: the kernels compared, not two thread pools
     x_tr, y_tr, x_te, y_te = common.digits(args.seed)

@@ -26,8 +26,8 @@ def quick_run(name, out, figures):
     code, output = run([sys.executable, os.path.join(EXAMPLES, name + ".py"),
                         "--quick", "--out", str(out)])
     assert code == 0, output
-    for figure in figures:
-        assert (out / figure).stat().st_size > 0, output
+    for name in figures + ["results.json"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, output
     with open(out / "results.json") as f:
         return json.load(f)
 
