@@ -59,7 +59,7 @@ class Conv3x3:
         return y.reshape(self._shape[:3] + (-1,))
 
     def backward(self, dy):
-        s, (N, H, W) = self.stride, self._shape[:3]
+        s, (H, W) = self.stride, self._shape[1:3]
         dy = dy.reshape(-1, len(self.weight))
         self.grad_weight = (dy.T @ self._cols).reshape(self.weight.shape)
         self.grad_bias = None if self.bias is None else dy.sum(axis=0)
