@@ -401,6 +401,141 @@ def small_calls(torch, rounds, number):
     return rows
 
 
+# ------------------------------------------------------- nbnorm.torch modules
+#: The modules' batch (issue 15): a ResNet stage's BatchNorm2d input, float32.
+MODULE_SHAPE = (32, 64, 56, 56)
+QUICK_MODULE_SHAPE = (8, 16, 24, 24)
+#: The training step's data: (batch, channels, side) of CIFAR-sized images.
+STEP_DATA = (32, 3, 32)
+QUICK_STEP_DATA = (4, 3, 16)
+
+
+def small_resnet(torch, width=16, classes=10):
+    """A ResNet-style CNN (stem, two residual stages of basic blocks, pooling,
+    linear head) with ``torch.nn.BatchNorm2d`` after every convolution."""
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or c_in != c_out:
+                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                              nn.BatchNorm2d(c_out))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU(), Block(width, width, 1), Block(width, 2 * width, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
+
+
+def module_fwd_bwd(torch, module, x, dy):
+    """One forward+backward of ``module`` through autograd: ``(out, grads of x,
+    weight, bias)`` (``autograd.grad``, so nothing accumulates between calls)."""
+    y = module(x)
+    return (y, *torch.autograd.grad(y, (x, module.weight, module.bias), dy))
+
+
+def _module_pair(torch, cls_name, C):
+    import nbnorm.torch as nt
+    theirs = getattr(torch.nn, cls_name)(C)
+    ours = getattr(nt, cls_name)(C)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _outputs_err(a, b):
+    return max(_rel_err(u.detach().numpy(), v.detach().numpy()) for u, v in zip(a, b))
+
+
+def training_steps(torch, data_shape, seed=0):
+    """Two training-step callables of the same small ResNet from the same
+    weights, ``(PyTorch's BN, nbnorm.torch.convert)``, each a step of SGD on
+    its own copy, and the relative difference of their first losses."""
+    import copy
+
+    import nbnorm.torch as nt
+    torch.manual_seed(seed)
+    N, c_in, side = data_shape
+    theirs = small_resnet(torch)
+    ours = nt.convert(copy.deepcopy(theirs))
+    x = torch.randn(N, c_in, side, side)
+    labels = torch.randint(0, 10, (N,))
+    steps = []
+    losses = []
+    for model in (theirs, ours):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        steps.append(step)
+        losses.append(step())
+    return steps[0], steps[1], abs(losses[0] - losses[1]) / max(1.0, abs(losses[0]))
+
+
+def torch_module_rows(torch, rounds, quick=False):
+    """nbnorm.torch's modules against torch.nn's, through autograd (issue 15):
+    ``[(case, torch seconds, nbnorm seconds, torch/nbnorm, error)]`` for
+    BatchNorm2d forward+backward in both memory formats, the (32, 64) small
+    call and the small ResNet's training step.  Contenders alternate round by
+    round; the ratio is the median of the rounds' ratios."""
+    rows = []
+    shape = QUICK_MODULE_SHAPE if quick else MODULE_SHAPE
+    for fmt_name, fmt in (("contiguous", torch.contiguous_format),
+                          ("channels_last", torch.channels_last)):
+        gen = torch.Generator().manual_seed(2)
+        x = (torch.randn(shape, generator=gen) * 2 + 3).to(memory_format=fmt).requires_grad_()
+        dy = torch.randn(shape, generator=gen).to(memory_format=fmt)
+        theirs, ours = _module_pair(torch, "BatchNorm2d", shape[1])
+        err = _outputs_err(module_fwd_bwd(torch, ours, x, dy), module_fwd_bwd(torch, theirs, x, dy))
+        secs, r = _ratios([lambda: module_fwd_bwd(torch, theirs, x, dy),
+                           lambda: module_fwd_bwd(torch, ours, x, dy)], rounds)
+        rows.append((f"BatchNorm2d fwd+bwd {'x'.join(map(str, shape))} {fmt_name}",
+                     float(secs[0]), float(secs[1]), 1.0 / float(r[1]), err))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(SMALL_SHAPE, generator=gen).requires_grad_()
+    dy = torch.randn(SMALL_SHAPE, generator=gen)
+    theirs, ours = _module_pair(torch, "BatchNorm1d", SMALL_SHAPE[1])
+    err = _outputs_err(module_fwd_bwd(torch, ours, x, dy), module_fwd_bwd(torch, theirs, x, dy))
+    number = 50 if quick else 500
+    fns = [lambda: module_fwd_bwd(torch, theirs, x, dy), lambda: module_fwd_bwd(torch, ours, x, dy)]
+    secs, r = _ratios([lambda f=f: _per_call(f, number) for f in fns], rounds)
+    rows.append((f"BatchNorm1d fwd+bwd {'x'.join(map(str, SMALL_SHAPE))} per call",
+                 float(secs[0]) / number, float(secs[1]) / number, 1.0 / float(r[1]), err))
+    data = QUICK_STEP_DATA if quick else STEP_DATA
+    step_theirs, step_ours, err = training_steps(torch, data)
+    secs, r = _ratios([step_theirs, step_ours], rounds)
+    rows.append((f"small ResNet SGD step, batch {data[0]}x{data[1]}x{data[2]}x{data[2]}",
+                 float(secs[0]), float(secs[1]), 1.0 / float(r[1]), err))
+    return rows
+
+
+#: A module row passes its check when nbnorm's results are PyTorch's up to
+#: float32 rounding in different summation orders (the step: its first loss).
+MODULE_TOL = 1e-4
+
+
+def format_module_rows(rows):
+    head = (f"{'module (autograd, float32)':<52} {'torch ms':>9} {'nbnorm ms':>9} "
+            f"{'torch/nbnorm':>12}  check")
+    out = [head, "-" * len(head)]
+    for name, t, nb, ratio, err in rows:
+        out.append(f"{name:<52} {t * 1e3:>9.3f} {nb * 1e3:>9.3f} {ratio:>12.2f}  "
+                   f"{'ok' if err <= MODULE_TOL else 'FAILED'} ({err:.1e})")
+    return "\n".join(out)
+
+
 # ----------------------------------------------------- group, layer, RMS norm
 #: (name, shape, call): issue 17's normalizations; call is (kind, axis or
 #: normalized_shape, groups).
@@ -588,6 +723,7 @@ def main(argv=None):
     norm_shapes = QUICK_NORM_SHAPES if args.quick else NORM_SHAPES
     nrows = [r for d in dtypes if d in ("float32", "bfloat16")
              for r in norm_rows(norm_shapes, _dtype(d), rounds, torch, rng)]
+    mrows = torch_module_rows(torch, rounds, args.quick) if torch is not None else []
 
     print(_header(torch, "torch not timed (--no-torch)" if args.no_torch
                   else "torch not installed"))
@@ -611,8 +747,13 @@ def main(argv=None):
         print("\ngroup, layer and RMS norm (ratios to np.copyto of x; floor: the least "
               "traffic of the two passes):")
         print(format_norm_rows(nrows))
+    if mrows:
+        print("\nnbnorm.torch modules against torch.nn's, forward+backward through autograd "
+              "(medians; torch/nbnorm > 1: nbnorm is faster):")
+        print(format_module_rows(mrows))
     failed = [r for r in rows if not r.ok] + small_failed + [
-        r for r in nrows if not r[6] <= _tol(np.dtype(_dtype(r[1])))]
+        r for r in nrows if not r[6] <= _tol(np.dtype(_dtype(r[1])))] + [
+        r for r in mrows if not r[4] <= MODULE_TOL]
     if failed:
         print(f"\n{len(failed)} check(s) FAILED against nbnorm.reference", file=sys.stderr)
         return 1
