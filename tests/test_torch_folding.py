@@ -164,7 +164,8 @@ class _Net(nn.Module):
     affine-free BN, one in a Sequential, Linear into BatchNorm1d) among
     nbnorm's other norms and pairs that are not: a BN after a pooling, one
     with nbnorm's fused ReLU, one with a residual, one without running
-    statistics, and a layer whose output is also used elsewhere."""
+    statistics, a layer whose output is also used elsewhere, and a layer
+    called twice."""
 
     def __init__(self):
         super().__init__()
@@ -175,6 +176,7 @@ class _Net(nn.Module):
         self.c4, self.b4 = nn.Conv2d(4, 4, 1), nt.BatchNorm2d(4)
         self.c5, self.b5 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
         self.c6, self.b6 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c7, self.b7, self.b8 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
         self.t, self.bt = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(
             6, affine=False)
         self.bp = nn.BatchNorm2d(6)
@@ -189,6 +191,7 @@ class _Net(nn.Module):
         x = self.b5(self.c5(x))
         y = self.c6(x)
         x = self.b6(y) + y
+        x = self.b8(self.c7(self.b7(self.c7(x))))
         x = self.bt(self.t(x))
         x = self.block(self.bp(nn.functional.max_pool2d(x, 2)))
         return self.bf(self.fc(x.mean((2, 3))))
