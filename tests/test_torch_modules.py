@@ -466,8 +466,8 @@ def test_export_eval_and_train(rng):
 def test_convert_swaps_in_place(rng):
     """Every torch BatchNorm1d/2d/3d becomes nbnorm's, the same object with the
     same Parameters and buffers (optimizers keep working); subclasses of the
-    torch classes and SyncBatchNorm are left alone; ``convert_sync_batchnorm``
-    still takes them."""
+    torch classes, SyncBatchNorm and uninitialized lazy modules are left
+    alone; ``convert_sync_batchnorm`` still takes them."""
     class OwnBatchNorm(torch.nn.BatchNorm2d):
         pass
 
@@ -475,7 +475,7 @@ def test_convert_swaps_in_place(rng):
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4),
                           nn.Sequential(nn.BatchNorm2d(4, affine=False), OwnBatchNorm(4)),
                           nn.BatchNorm3d(4, track_running_stats=False), nn.GroupNorm(2, 4),
-                          nn.SyncBatchNorm(4))
+                          nn.SyncBatchNorm(4), nn.LazyBatchNorm2d())
     before = {name: (m, type(m), dict(m.named_parameters()), dict(m.named_buffers()))
               for name, m in model.named_modules()}
     assert nt.convert(model) is model
@@ -483,6 +483,7 @@ def test_convert_swaps_in_place(rng):
     assert kinds["1"] is nt.BatchNorm1d and kinds["2.0"] is nt.BatchNorm2d
     assert kinds["3"] is nt.BatchNorm3d and kinds["2.1"] is OwnBatchNorm
     assert kinds["4"] is nt.GroupNorm and kinds["5"] is nn.SyncBatchNorm
+    assert kinds["6"] is nn.LazyBatchNorm2d  # no shape yet: converted once it has one
     for name, m in model.named_modules():
         module, kind, params, buffers = before[name]
         assert m is module and isinstance(m, kind)
