@@ -1,11 +1,16 @@
 """float16 and bfloat16 data on the CPU.
 
-nbnorm reads half values exactly into float64, accumulates the statistics in
-float64 and rounds every output once, to nearest even: each output is the
-correctly rounded float64 result for all but a sliver of elements (where the
-kernels' float64 arithmetic and the reference's differ in the last bits), and
-always within one unit in the last place.  ``mean``, ``invstd``,
-``grad_weight`` and ``grad_bias`` are float32.
+nbnorm reads half values exactly, accumulates the statistics in float64 and
+computes the elementwise passes in float32 (``nbnorm.cpu.convert``: centred
+on a float32 value near the mean, so a large mean costs nothing), rounding
+every output once, to nearest even.  Each output is within one unit in the
+last place of the float64 result plus a few float32 roundings of the terms it
+is the sum of (``TERMS``: visible only where it cancels them, a bias or a
+residual, to far below them), and correctly rounded for all but a small
+fraction of the elements (``SLIVER``; measured on 800k values of random
+data: 3e-4 float16, 1.5e-4 bfloat16 forward, below 1e-4 backward; offset
+data, mean 100 to 1000 standard deviations: below 5e-4).  ``mean``,
+``invstd``, ``grad_weight`` and ``grad_bias`` are float32.
 """
 
 import numpy as np
@@ -23,6 +28,12 @@ HALF = [F16, BF16]
 HALF_IDS = ["float16", "bfloat16"]
 #: (mantissa bits with the implicit one, least normal exponent) of each format
 FORMAT = {F16: (11, -14), BF16: (8, -126)}
+#: The fraction of elements allowed not to be correctly rounded (arrays of a
+#: few hundred values: one element is 0.1-0.5%).
+SLIVER = 1e-2
+#: The float32 arithmetic's error beyond the unit in the last place, relative to
+#: the magnitude of the terms (2^-24 a rounding, a few roundings).
+TERMS = 2.0 ** -21
 
 LAYOUT_SUBSET = [lay for lay in LAYOUTS if lay[0] in {
     "NC", "NCL", "NCHW", "NHWC", "C1-planar", "primes", "wide-C-NC", "axis0"}]
@@ -38,16 +49,20 @@ def ulp(v, dt):
     return 2.0 ** (np.maximum(e, emin) - (p - 1))
 
 
-def check_half(got, exact, what, sliver=1e-3):
-    """``got`` (half) is within 1 ulp of float64 ``exact`` everywhere, and its
-    correctly rounded value but for a fraction ``sliver`` of the elements."""
+def check_half(got, exact, what, sliver=SLIVER, terms=None):
+    """``got`` (half) is within 1 ulp of float64 ``exact`` plus ``TERMS * terms``
+    everywhere (``terms``: the magnitude of the terms the outputs are sums of;
+    default: of the outputs), and its correctly rounded value but for a fraction
+    ``sliver`` of the elements."""
     dt = got.dtype
     exact = np.asarray(exact, np.float64)
     g = got.astype(np.float64)
     assert np.array_equal(np.isnan(g), np.isnan(exact)), f"{what}: NaN positions"
     fin = np.isfinite(exact)
-    err = np.abs(g[fin] - exact[fin]) / ulp(exact[fin], dt)
-    assert err.max(initial=0) <= 1.0, f"{what}: {err.max()} ulp"
+    if terms is None:
+        terms = np.abs(exact[fin]).max(initial=0)
+    err = (np.abs(g[fin] - exact[fin]) - TERMS * terms) / ulp(exact[fin], dt)
+    assert err.max(initial=0) <= 1.0, f"{what}: {err.max()} ulp beyond the terms' rounding"
     correct = g == reference.rounded(exact, dt).astype(np.float64)
     assert correct[fin].mean() >= 1 - sliver, f"{what}: {1 - correct[fin].mean():.2%} not RNE"
 
@@ -107,7 +122,7 @@ def test_forward_matches_reference(rng, monkeypatch, dt, shape, axis, mode, path
     res = nbnorm.forward(x, w, b, rm, rv, training=training, axis=axis, momentum=0.2)
     ref = reference.forward(x, w, b, rm0, rv0, training=training, axis=axis, momentum=0.2)
     assert res.out.dtype == dt and res.mean.dtype == np.float32 == res.invstd.dtype
-    check_half(res.out, ref.out, "out")
+    check_half(res.out, ref.out, "out", terms=np.abs(ref.out).max() + np.abs(b).max())
     np.testing.assert_allclose(res.mean, ref.mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(res.invstd, ref.invstd, rtol=1e-6)
     if mode == "train+running":
@@ -133,9 +148,7 @@ def test_backward_matches_reference(rng, monkeypatch, dt, shape, axis, training,
     scale = np.abs(reference.backward(np.abs(dy), x, f.mean, f.invstd, np.abs(w),
                                       training=False, axis=axis).grad_input)
     check_half(g.grad_input, ref.grad_input, "grad_input",
-               sliver=1e-3 if not training else 5e-2)
-    err = np.abs(g.grad_input.astype(np.float64) - ref.grad_input)
-    assert np.all(err <= ulp(ref.grad_input, dt) + 1e-12 * scale.max())
+               sliver=SLIVER if not training else 5e-2, terms=scale.max())
     np.testing.assert_allclose(g.grad_weight, ref.grad_weight, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g.grad_bias, ref.grad_bias, rtol=1e-5, atol=1e-5)
 
@@ -152,25 +165,32 @@ def test_parameters_of_any_float_dtype(rng, dt, pdt):
     rm, rv = rm0.copy(), rv0.copy()
     res = nbnorm.forward(x, w, b, rm, rv, momentum=0.3)
     ref = reference.forward(x, w, b, rm0, rv0, momentum=0.3)
-    check_half(res.out, ref.out, "out")
+    terms = np.abs(ref.out).max() + np.abs(b.astype(np.float64)).max()
+    check_half(res.out, ref.out, "out", terms=terms)
     assert rm.dtype == pdt
     tol = {F16: 2.0 ** -10, BF16: 2.0 ** -7}.get(pdt, 1e-12)  # one rounding in pdt
     np.testing.assert_allclose(rm.astype(np.float64), ref.running_mean, rtol=tol, atol=tol)
     np.testing.assert_allclose(rv.astype(np.float64), ref.running_var, rtol=tol)
     inf = nbnorm.forward(x, w, b, rm, rv, training=False)
-    check_half(inf.out, reference.forward(x, w, b, rm, rv, training=False).out, "inference")
+    check_half(inf.out, reference.forward(x, w, b, rm, rv, training=False).out, "inference",
+               terms=terms)
 
 
 @pytest.mark.parametrize("dt", HALF, ids=HALF_IDS)
 def test_statistics_of_offset_data_are_exact(rng, dt):
     """Half values far from zero with a small spread: the float64 statistics are
-    those of the half values, where E[x^2] - E[x]^2 in float32 would lose them."""
+    those of the half values, where E[x^2] - E[x]^2 in float32 would lose them;
+    and the float32 elementwise pass, centred on a float32 value next to the
+    mean, loses nothing to it either (``x * scale + offset`` in float32 left
+    2.6% of float16 outputs of mean 100 std misrounded, up to 5 ulp)."""
     x = (256.0 + rng.integers(-8, 9, (64, 3, 50))).astype(dt)  # exact in both formats
     res = nbnorm.forward(x)
     ref = reference.forward(x)
     np.testing.assert_allclose(res.mean, ref.mean, rtol=1e-7)
     np.testing.assert_allclose(res.invstd, ref.invstd, rtol=1e-6)
-    check_half(res.out, ref.out, "out")
+    check_half(res.out, ref.out, "out", sliver=1e-3)
+    x = half_data(rng, (64, 3, 50), dt, 1000.0, 1.0)
+    check_half(nbnorm.forward(x).out, reference.forward(x).out, "mean 1000 std", sliver=1e-3)
 
 
 def test_outputs_preallocated_and_poisoned(rng):

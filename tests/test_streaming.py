@@ -166,7 +166,7 @@ def test_column_intrinsics_compute_the_scalar_expressions(rng, dtype, offset, C,
     col = (c0 + np.arange(n)) % C
     U, V, W, Z = u[col], v[col], w[col], z[col]
     isz = np.dtype(dtype).itemsize
-    P = [streaming.periodic(a, isz) for a in (u, v, w, z)]
+    P = [streaming.periodic(a, x) for a in (u, v, w, z)]
     expected = [(x64 - U) * V + W, x64 * U + V, Z * (dy64 - V - (x64 - U) * W),
                 U * dy64 + (V * x64 + W)]
     for kind, exp in enumerate(expected):
@@ -181,9 +181,10 @@ def test_column_intrinsics_compute_the_scalar_expressions(rng, dtype, offset, C,
 
 def test_periodic_extends_the_coefficients_by_a_vector():
     a = np.arange(5.0)
-    assert_same(streaming.periodic(a, 4), np.resize(a, 5 + 16))
-    assert_same(streaming.periodic(a[:1], 8), np.zeros(9))
-    assert_same(streaming.periodic(a, 8, 3), np.resize(np.repeat(a, 3), 15 + 8))
+    f32, f64 = np.empty(0, np.float32), np.empty(0, np.float64)  # the written dtype
+    assert_same(streaming.periodic(a, f32), np.resize(a, 5 + 16))
+    assert_same(streaming.periodic(a[:1], f64), np.zeros(9))
+    assert_same(streaming.periodic(a, f64, 3), np.resize(np.repeat(a, 3), 15 + 8))
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "ordinary"])
@@ -239,7 +240,7 @@ def test_intrinsics_emit_nontemporal_vector_stores_and_sfence(dtype):
             assert re.search(r"\bv?movntp[sd]\b", code), f
             assert not re.search(r"\bv?movnts[sd]\b", code), f
     assert all("sfence" in code for code in asm(_affine_arrays))
-    P = streaming.periodic(c[:3], x.itemsize)
+    P = streaming.periodic(c[:3], x)
     for kind in range(4):
         _cols(kind, y, 0, 3, True, x, x, P, P, P, P)
     for sig in _cols.signatures:
@@ -411,28 +412,31 @@ def test_default_threshold_is_three_quarters_of_the_cache_at_least_16_mib():
 
 @njit
 def _scalar_affine(x, y, s, t):
+    """``x * s + t`` in ``x``'s compute type (``convert``: float32 for half ``x``)."""
+    sc, tc = convert.coef(s, x), convert.coef(t, x)
     for i in range(y.size):
-        y[i] = convert.store(convert.load(x[i]) * s + t, y)
+        y[i] = convert.store(convert.value(x[i]) * sc + tc, y)
 
 
 @njit
 def _vector_affine(x, y, s, t):
     """``_scalar_affine`` with the whole lines streamed."""
     h, e = streaming.span(y)
+    sc, tc = convert.coef(s, x), convert.coef(t, x)
     for i in range(h):
-        y[i] = convert.store(convert.load(x[i]) * s + t, y)
-    streaming.scale_offset_lines(y, h, e, x, s, t, None, None)
+        y[i] = convert.store(convert.value(x[i]) * sc + tc, y)
+    streaming.scale_offset_lines(y, h, e, x, sc, tc, None, None)
     for i in range(e, y.size):
-        y[i] = convert.store(convert.load(x[i]) * s + t, y)
+        y[i] = convert.store(convert.value(x[i]) * sc + tc, y)
     return h, e
 
 
 @pytest.mark.parametrize("bits_dtype", [np.uint16, np.int16], ids=["float16", "bfloat16"])
 def test_vector_conversions_are_the_scalar_bits(rng, bits_dtype):
-    """The intrinsics' vector conversions of half data (hardware float16, after a
-    float32 rounding to odd) give ``convert``'s scalar bits: every bit pattern
-    read, and float64 values of every magnitude (subnormal, overflowing, ties,
-    NaN, inf) rounded."""
+    """The intrinsics' vector conversions of half data (hardware float16; from
+    float64 after a float32 rounding to odd) give ``convert``'s scalar bits:
+    every bit pattern read and computed on in float32, and float64 values of
+    every magnitude (subnormal, overflowing, ties, NaN, inf) rounded."""
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bits_dtype)
     ties = np.ldexp(1.0 + (2 * np.arange(64) + 1) * 2.0 ** -11, rng.integers(-24, 16, 64))
     values = np.concatenate([

@@ -11,7 +11,9 @@ the same functions on the same parts in the same order as
 for bit.  ``backward_serial_*`` do everything on the calling thread for small
 batches.  ``mean``, ``invstd``, ``weight`` are float64; ``weight`` may have
 length 0 (scale 1).  float32 ``grad_input`` is computed as ``k*dy + (q*x + r)``
-by every kernel, planar or interleaved (``_grad_rows``).  A planar batch of
+by every kernel, planar or interleaved (``_grad_rows``), in float64; half
+``grad_input`` in the centred form in float32 (``convert``: the mean moved to
+a float32 value, ``a`` compensating, the coefficients rounded once).  A planar batch of
 short runs reduces by channel groups and writes ``grad_input`` by
 ``grad_input_interleaved`` over rows of ``C * inner`` values (``ops``).
 """
@@ -20,10 +22,10 @@ import numpy as np
 from numba import njit, prange
 
 from . import per_channel, streaming
-from .convert import compact, load, store
+from .convert import centre, coef, compact, load, store, value
 from .epilogue import cut, flat, grad, put, row, run
 from .epilogue import wide as wide_rows
-from .forward import _normalize_run, normalize_serial_interleaved
+from .forward import _normalize_run, normalize_serial_interleaved, recentred
 from .stats import _FM, group_task, tile, widen
 
 _grad_coeffs = per_channel.math.grad_coeffs
@@ -37,7 +39,7 @@ def _run_dual_sum(dy, fo, x, m):
     s = 0.0
     sx = 0.0
     for i in range(dy.size):
-        g = grad(dy, fo, i)
+        g = np.float64(grad(dy, fo, i))  # the sums are float64 for every dtype
         s += g
         sx += g * (load(x[i]) - m)
     return s, sx
@@ -132,10 +134,10 @@ def _rows_dual_sum(dy, fo, x, r0, r1, mean, s, sx, unroll_c):
         x3 = x[r + 3]
         for c in range(s.size):
             m = mean[c]
-            a0 = grad(g0, f0, c)
-            a1 = grad(g1, f1, c)
-            a2 = grad(g2, f2, c)
-            a3 = grad(g3, f3, c)
+            a0 = np.float64(grad(g0, f0, c))  # the sums are float64 for every dtype
+            a1 = np.float64(grad(g1, f1, c))
+            a2 = np.float64(grad(g2, f2, c))
+            a3 = np.float64(grad(g3, f3, c))
             s[c] += (a0 + a1) + (a2 + a3)
             sx[c] += ((a0 * (load(x0[c]) - m) + a1 * (load(x1[c]) - m))
                       + (a2 * (load(x2[c]) - m) + a3 * (load(x3[c]) - m)))
@@ -145,7 +147,7 @@ def _rows_dual_sum(dy, fo, x, r0, r1, mean, s, sx, unroll_c):
         fr = row(fo, r)
         xr = x[r]
         for c in range(s.size):
-            g = grad(gr, fr, c)
+            g = np.float64(grad(gr, fr, c))
             s[c] += g
             sx[c] += g * (load(xr[c]) - mean[c])
         r += 1
@@ -216,39 +218,45 @@ def _grad_run(gr, fr, xr, yr, er, m, a, b, k, stream):
     h, e = streaming.span(yr) if stream else (yr.size, yr.size)
     if compact(xr):  # a constant of the compiled signature
         q, r = _affine_coeffs(m, a, b, k)
+        kc, qc, rc = coef(k, xr), coef(q, xr), coef(r, xr)
         for i in range(h):
             g = grad(gr, fr, i)
-            yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
+            yr[i] = store(kc * g + (qc * value(xr[i]) + rc), yr)
             put(er, i, g)
         if e > h:
-            streaming.grad_affine_lines(yr, h, e, gr, xr, k, q, r, fr, er)
+            streaming.grad_affine_lines(yr, h, e, gr, xr, kc, qc, rc, fr, er)
         for i in range(e, yr.size):
             g = grad(gr, fr, i)
-            yr[i] = store(k * g + (q * load(xr[i]) + r), yr)
+            yr[i] = store(kc * g + (qc * value(xr[i]) + rc), yr)
             put(er, i, g)
     else:
+        m64, a64 = centre(m, b, a, xr)  # the same map: -(x - m) * b - a
+        mc, ac, bc, kc = coef(m64, xr), coef(a64, xr), coef(b, xr), coef(k, xr)
         for i in range(h):
             g = grad(gr, fr, i)
-            yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
+            yr[i] = store(kc * (g - ac - (value(xr[i]) - mc) * bc), yr)
             put(er, i, g)
         if e > h:
-            streaming.grad_lines(yr, h, e, gr, xr, m, a, b, k, fr, er)
+            streaming.grad_lines(yr, h, e, gr, xr, mc, ac, bc, kc, fr, er)
         for i in range(e, yr.size):
             g = grad(gr, fr, i)
-            yr[i] = store(k * (g - a - (load(xr[i]) - m) * b), yr)
+            yr[i] = store(kc * (g - ac - (value(xr[i]) - mc) * bc), yr)
             put(er, i, g)
 
 
 @njit(cache=True)
 def _grad_rows(dy, fo, x, r0, r1, mean, a, b, k, q, r, dx, gres):
-    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``.
+    """``dx`` of rows ``[r0, r1)``; ``q``, ``r`` from ``_affine_coeffs``; ``mean``
+    and ``a`` ``forward.recentred`` (with ``b``).
 
     float32 data use ``k*dy + (q*x + r)``: two multiply-adds and three
     coefficient loads instead of four operations and four loads (NC 8192x1024
     grad pass, x copy time, same process: 1.91/1.63/1.40 -> 1.70/1.48/1.31).  In
     float64 arithmetic its cancellation, ~1e-16 * |mean| / std relative, is far
     below float32's rounding; float64 data keep the centred form, which does
-    not lose digits to a large mean.  Half data take the float32 form too.
+    not lose digits to a large mean.  Half data take the centred form in
+    float32 arithmetic, the mean moved to a float32 value
+    (``forward._normalize_rows``).
     ``fo`` (the ReLU mask's forward output) and ``gres`` (``grad_residual``,
     written with the masked gradient) may be None (``epilogue``).
     """
@@ -261,12 +269,15 @@ def _grad_rows(dy, fo, x, r0, r1, mean, a, b, k, q, r, dx, gres):
         if compact(x):  # a constant of the compiled signature
             for c in range(yr.size):
                 g = grad(gr, fr, c)
-                yr[c] = store(k[c] * g + (q[c] * load(xr[c]) + r[c]), yr)
+                yr[c] = store(coef(k[c], xr) * g + (coef(q[c], xr) * value(xr[c])
+                                                    + coef(r[c], xr)), yr)
                 put(er, c, g)
         else:
             for c in range(yr.size):
                 g = grad(gr, fr, c)
-                yr[c] = store(k[c] * (g - a[c] - (load(xr[c]) - mean[c]) * b[c]), yr)
+                yr[c] = store(coef(k[c], xr) * (g - coef(a[c], xr) - (value(xr[c])
+                                                                   - coef(mean[c], xr))
+                                                 * coef(b[c], xr)), yr)
                 put(er, c, g)
 
 
@@ -278,9 +289,12 @@ def _grad_values(gf, ff, xf, yf, ef, i0, i1, C, mean, a, b, k, q, r):
     for i in range(i0, i1):
         g = grad(gf, ff, i)
         if compact(xf):
-            yf[i] = store(k[c] * g + (q[c] * load(xf[i]) + r[c]), yf)
+            yf[i] = store(coef(k[c], xf) * g + (coef(q[c], xf) * value(xf[i]) + coef(r[c], xf)),
+                          yf)
         else:
-            yf[i] = store(k[c] * (g - a[c] - (load(xf[i]) - mean[c]) * b[c]), yf)
+            yf[i] = store(coef(k[c], xf) * (g - coef(a[c], xf) - (value(xf[i])
+                                                                 - coef(mean[c], xf))
+                                             * coef(b[c], xf)), yf)
         put(ef, i, g)
         c = c + 1 if c + 1 < C else 0
 
@@ -330,18 +344,18 @@ def grad_input_interleaved(dy, fo, x, mean, a, b, k, dx, gres, stream, tasks, st
     xf = x.reshape(-1)
     yf = dx.reshape(-1)
     ef = flat(gres)
-    isz = dx.itemsize
     if compact(dx):  # only k, q and r are read (``_grad_rows``)
         q, r = _affine_coeffs(mean, a, b, k)
-        kp = streaming.periodic(k, isz, repeat)
-        qp = streaming.periodic(q, isz, repeat)
-        rp = streaming.periodic(r, isz, repeat)
+        kp = streaming.periodic(k, dx, repeat)
+        qp = streaming.periodic(q, dx, repeat)
+        rp = streaming.periodic(r, dx, repeat)
         mp = ap = bp = kp
     else:  # only mean, a, b and k
-        mp = streaming.periodic(mean, isz, repeat)
-        ap = streaming.periodic(a, isz, repeat)
-        bp = streaming.periodic(b, isz, repeat)
-        kp = streaming.periodic(k, isz, repeat)
+        mc, ac = recentred(mean, b, a, x)
+        mp = streaming.periodic(mc, dx, repeat)
+        ap = streaming.periodic(ac, dx, repeat)
+        bp = streaming.periodic(b, dx, repeat)
+        kp = streaming.periodic(k, dx, repeat)
         qp = rp = kp
     for t in prange(tasks):
         r0 = min(outer, t * step)
@@ -433,9 +447,11 @@ def backward_serial_interleaved(dy, fo, x, mean, invstd, weight, wide, parts, un
         a[c], b[c], k[c] = grad_coeffs(c, outer, s[c], sx[c], invstd[c], weight)
     if training:
         q, r = _affine_coeffs(mean, a, b, k)
-        _grad_rows(dyw, fow, xw, 0, ow, mw, tile(a, wide), tile(b, wide), tile(k, wide),
-                   tile(q, wide), tile(r, wide), widen(dx, wide), wide_rows(gres, wide))
-        _grad_rows(dy, fo, x, ow * wide, outer, mean, a, b, k, q, r, dx, gres)
+        mc, ac = recentred(mean, b, a, x)
+        _grad_rows(dyw, fow, xw, 0, ow, tile(mc, wide), tile(ac, wide), tile(b, wide),
+                   tile(k, wide), tile(q, wide), tile(r, wide), widen(dx, wide),
+                   wide_rows(gres, wide))
+        _grad_rows(dy, fo, x, ow * wide, outer, mc, ac, b, k, q, r, dx, gres)
     else:  # the affine map's gradient (``ops`` applied any mask): dx does not depend on x
         a[:] = 0.0
         normalize_serial_interleaved(dy, wide, a, k, a, dx, None, None)

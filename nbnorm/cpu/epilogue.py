@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .. import channel
-from .convert import load, store
+from .convert import like, store, value
 from .stats import widen
 
 #: Called, not inlined into Numba's IR: its branch would be (IR inlining of
@@ -25,7 +25,7 @@ relu = njit(cache=True)(channel.relu)
 
 @njit(cache=True)
 def _masked(g, f):
-    return g if f > 0.0 else 0.0
+    return like(g if f > 0.0 else 0.0, g)
 
 
 def _none(t):
@@ -39,7 +39,7 @@ def finish(v, residual, i, act):
 
 @njit(cache=True)
 def _activate(v, act):
-    return relu(v) if act else v
+    return like(relu(v), v) if act else v
 
 
 @overload(finish, inline="always")
@@ -51,19 +51,20 @@ def _finish(v, residual, i, act):
         return lambda v, residual, i, act: v
     if _none(residual):
         return lambda v, residual, i, act: _activate(v, act)
-    return lambda v, residual, i, act: _activate(v + load(residual[i]), act)
+    return lambda v, residual, i, act: _activate(v + value(residual[i]), act)
 
 
 def grad(dy, forward_out, i):
-    """``dy[i]`` as float64, zeroed where ``forward_out[i] <= 0`` (or NaN) when
-    ``forward_out`` is given: the gradient through the fused ReLU."""
+    """``dy[i]`` in its compute type (``convert.value``), zeroed where
+    ``forward_out[i] <= 0`` (or NaN) when ``forward_out`` is given: the gradient
+    through the fused ReLU."""
 
 
 @overload(grad, inline="always")
 def _grad(dy, forward_out, i):
     if _none(forward_out):
-        return lambda dy, forward_out, i: load(dy[i])
-    return lambda dy, forward_out, i: _masked(load(dy[i]), load(forward_out[i]))
+        return lambda dy, forward_out, i: value(dy[i])
+    return lambda dy, forward_out, i: _masked(value(dy[i]), value(forward_out[i]))
 
 
 def put(a, i, v):

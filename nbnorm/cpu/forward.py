@@ -1,10 +1,15 @@
 """The normalizing pass: ``out = (x - center[c]) * scale[c] + shift[c]``.
 
-``scale`` folds ``invstd * weight`` and the arithmetic is float64, so the
-subtraction of a large mean keeps its precision for float32 data, which are
-computed as ``x * scale[c] + (shift[c] - center[c] * scale[c])`` (fewer loads
-and operations; see ``_normalize_rows``).  Elementwise, so ``out`` may be
-``x`` itself.  Backward in inference mode reuses it with
+``scale`` folds ``invstd * weight``.  The coefficients are float64 and so is
+the arithmetic of float32 and float64 data, so the subtraction of a large
+mean keeps its precision for float32 data, which are computed as
+``x * scale[c] + (shift[c] - center[c] * scale[c])`` (fewer loads and
+operations; see ``_normalize_rows``).  Half data compute in float32
+(``convert.compute_type``), in the centred form with the center moved to a
+float32 value and the shift compensating (``recentred``, ``convert.centre``:
+exact subtraction near the mean), the coefficients rounded to float32 once
+per call or table (``convert.coef``), the output rounded once from float32.
+Elementwise, so ``out`` may be ``x`` itself.  Backward in inference mode reuses it with
 ``center = 0`` and ``shift = 0``.
 
 ``train_planar`` fuses statistics and normalization: one task per channel
@@ -23,11 +28,12 @@ bits do not depend on it.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import config
 from . import per_channel, stats, streaming
-from .convert import compact, load, store
+from .convert import centre, coef, compact, compute_type, store, value
 from .epilogue import finish, flat, row, run
 from .epilogue import wide as wide_rows
 
@@ -61,26 +67,49 @@ def _normalize_run(xr, rr, yr, m, s, b, act, stream):
     its whole lines with streaming stores (``streaming``), the same bits."""
     h, e = streaming.span(yr) if stream else (yr.size, yr.size)
     if compact(xr):  # a constant of the compiled signature
-        t = offsets(m, s, b)
+        sc = coef(s, xr)
+        tc = coef(offsets(m, s, b), xr)
         for i in range(h):
-            yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
+            yr[i] = store(finish(value(xr[i]) * sc + tc, rr, i, act), yr)
         if e > h:
-            streaming.scale_offset_lines(yr, h, e, xr, s, t, rr, act)
+            streaming.scale_offset_lines(yr, h, e, xr, sc, tc, rr, act)
         for i in range(e, yr.size):
-            yr[i] = store(finish(load(xr[i]) * s + t, rr, i, act), yr)
+            yr[i] = store(finish(value(xr[i]) * sc + tc, rr, i, act), yr)
     else:
+        m64, b64 = centre(m, s, b, xr)
+        mc, sc, bc = coef(m64, xr), coef(s, xr), coef(b64, xr)
         for i in range(h):
-            yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
+            yr[i] = store(finish((value(xr[i]) - mc) * sc + bc, rr, i, act), yr)
         if e > h:
-            streaming.affine_lines(yr, h, e, xr, m, s, b, rr, act)
+            streaming.affine_lines(yr, h, e, xr, mc, sc, bc, rr, act)
         for i in range(e, yr.size):
-            yr[i] = store(finish((load(xr[i]) - m) * s + b, rr, i, act), yr)
+            yr[i] = store(finish((value(xr[i]) - mc) * sc + bc, rr, i, act), yr)
+
+
+def recentred(center, scale, shift, x):
+    """``convert.centre`` of arrays: ``(center, shift)`` for the centred form in
+    ``x``'s compute type (themselves where it is float64)."""
+
+
+@overload(recentred)
+def _recentred(center, scale, shift, x):
+    if compute_type(x.dtype) == types.float64:
+        return lambda center, scale, shift, x: (center, shift)
+
+    def moved(center, scale, shift, x):
+        c2 = np.empty(center.size)
+        t2 = np.empty(center.size)
+        for j in range(center.size):
+            c2[j], t2[j] = centre(center[j], scale[j], shift[j], x)
+        return c2, t2
+    return moved
 
 
 @njit(cache=True)
 def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, res, act):
     """``out = (x - center) * scale + shift`` for rows ``[r0, r1)``, per-column
-    ``center``, ``scale``, ``shift`` and ``offset = offsets(center, scale, shift)``.
+    ``center``, ``scale``, ``shift`` (``center`` and ``shift`` ``recentred``) and
+    ``offset = offsets(center, scale, shift)`` (of them before).
 
     float32 data are normalized as ``x * scale + offset``: two loads of
     coefficients and two operations a value instead of three and three, which
@@ -90,8 +119,11 @@ def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, res, act):
     floor).  In float64 arithmetic the form cancels ~1e-16 * |mean| / std of a
     value's magnitude, far below float32's rounding; float64 data keep the
     centred form, which loses nothing to a large mean.  Half data take the
-    float32 form too (``convert.compact``).  ``res`` (rows of the residual)
-    and ``act`` may be None (``epilogue``).
+    centred form in float32 arithmetic (``convert``), the center a float32
+    value (``recentred``), so that nothing cancels near the mean either, and
+    the coefficients rounded to float32 (``convert.coef``: the tables of the
+    parallel passes hold them rounded already).  ``res`` (rows of the
+    residual) and ``act`` may be None (``epilogue``).
     """
     for r in range(r0, r1):
         xr = x[r]
@@ -99,11 +131,12 @@ def _normalize_rows(x, r0, r1, center, scale, shift, offset, out, res, act):
         rr = row(res, r)
         if compact(x):  # a constant of the compiled signature
             for c in range(yr.size):
-                yr[c] = store(finish(load(xr[c]) * scale[c] + offset[c], rr, c, act), yr)
+                yr[c] = store(finish(value(xr[c]) * coef(scale[c], xr) + coef(offset[c], xr),
+                                     rr, c, act), yr)
         else:
             for c in range(yr.size):
-                yr[c] = store(finish((load(xr[c]) - center[c]) * scale[c] + shift[c], rr, c,
-                                     act), yr)
+                yr[c] = store(finish((value(xr[c]) - coef(center[c], xr)) * coef(scale[c], xr)
+                                     + coef(shift[c], xr), rr, c, act), yr)
 
 
 @njit(cache=True)
@@ -113,10 +146,11 @@ def _normalize_values(xf, yf, i0, i1, C, center, scale, shift, offset, rf, act):
     c = i0 % C
     for i in range(i0, i1):
         if compact(xf):
-            yf[i] = store(finish(load(xf[i]) * scale[c] + offset[c], rf, i, act), yf)
+            yf[i] = store(finish(value(xf[i]) * coef(scale[c], xf) + coef(offset[c], xf), rf,
+                                 i, act), yf)
         else:
-            yf[i] = store(finish((load(xf[i]) - center[c]) * scale[c] + shift[c], rf, i, act),
-                          yf)
+            yf[i] = store(finish((value(xf[i]) - coef(center[c], xf)) * coef(scale[c], xf)
+                                 + coef(shift[c], xf), rf, i, act), yf)
         c = c + 1 if c + 1 < C else 0
 
 
@@ -188,11 +222,11 @@ def normalize_interleaved(x, center, scale, shift, out, stream, tasks, step, res
     yf = out.reshape(-1)
     rf = flat(res)
     offset = offsets(center, scale, shift)
-    isz = out.itemsize
-    cp = streaming.periodic(center, isz, repeat)
-    sp = streaming.periodic(scale, isz, repeat)
-    bp = streaming.periodic(shift, isz, repeat)
-    op = streaming.periodic(offset, isz, repeat)
+    cc, bc = recentred(center, scale, shift, x)
+    cp = streaming.periodic(cc, out, repeat)
+    sp = streaming.periodic(scale, out, repeat)
+    bp = streaming.periodic(bc, out, repeat)
+    op = streaming.periodic(offset, out, repeat)
     for t in prange(tasks):
         r0 = min(outer, t * step)
         r1 = min(outer, r0 + step)
@@ -218,9 +252,10 @@ def _normalize_table(x, wide, coef, out, res, act):
     C = x.shape[1]
     ow = x.shape[0] // wide
     offset = offsets(coef[0], coef[1], coef[2])
-    _normalize_rows(stats.widen(x, wide), 0, ow, coef[0], coef[1], coef[2], offset,
+    center, shift = recentred(coef[0], coef[1], coef[2], x)
+    _normalize_rows(stats.widen(x, wide), 0, ow, center, coef[1], shift, offset,
                     stats.widen(out, wide), wide_rows(res, wide), act)
-    _normalize_rows(x, ow * wide, x.shape[0], coef[0, :C], coef[1, :C], coef[2, :C],
+    _normalize_rows(x, ow * wide, x.shape[0], center[:C], coef[1, :C], shift[:C],
                     offset[:C], out, res, act)
 
 
@@ -329,7 +364,8 @@ def infer_serial_interleaved(x, eps, weight, bias, running_mean, running_var, ou
     coefficients for wide rows cost more than it saved at these sizes (a
     (32, 64) float32 call's kernel 2.2 -> 1.4 us; (512, 64) level)."""
     coef = _infer_coef(eps, weight, bias, running_mean, running_var, mean_out, invstd_out)
-    _normalize_rows(x, 0, x.shape[0], coef[0], coef[1], coef[2], coef[3], out, res, act)
+    center, shift = recentred(coef[0], coef[1], coef[2], x)
+    _normalize_rows(x, 0, x.shape[0], center, coef[1], shift, coef[3], out, res, act)
 
 
 @njit(cache=True)

@@ -49,7 +49,8 @@ from .. import channel, config
 from . import per_channel, stats, streaming
 from .backward import _finish_interleaved as _finish_dual_sums
 from .backward import _grad_span, _rows_dual_sum, _run_dual_sum
-from .convert import compact, load, store
+from .convert import (centre, coef, compact, compact_dtype, compact_type, compute_dtype, load,
+                      store, value)
 from .epilogue import _none, cut, finish, flat, grad, put, row, run
 from .epilogue import wide as wide_rows
 from .forward import _normalize_run, _normalize_span, task_split
@@ -97,30 +98,34 @@ def _at(v, i):
 
 
 # Streaming stores (``streaming``) for the loops with a coefficient per value:
-# batch norm's intrinsics with these expressions, the same float64 operations
-# in the same order as the scalar loops below, so the bits do not depend on
-# which part of a run is streamed.
+# batch norm's intrinsics with these expressions, the same operations in the
+# same types and order as the scalar loops below (the coefficients in float64,
+# then cast to the compute type: ``f.coef``, ``convert.coef``), so the bits do
+# not depend on which part of a run is streamed.
 
 def _scaled_affine(f, x, w, b, m, inv):
     """``(x - m) * (inv * w) + b``: ``_normalize_values``."""
     s = f.mul(inv, w)
-    return f.add(f.mul(f.sub(x, m), s), b)
+    mc, bc = f.centre(m, s, b)
+    return f.add(f.mul(f.sub(x, f.coef(mc)), f.coef(s)), f.coef(bc))
 
 
 def _scaled_offset(f, x, w, b, m, inv):
     """``x * s + (b - m * s)``, ``s = inv * w``: ``_normalize_values``, compact data."""
     s = f.mul(inv, w)
-    return f.add(f.mul(x, s), f.sub(b, f.mul(m, s)))
+    return f.add(f.mul(x, f.coef(s)), f.coef(f.sub(b, f.mul(m, s))))
 
 
 def _weighted_grad(f, dy, x, w, m, a, b, k):
     """``k * (w * dy - a - (x - m) * b)``: ``_grad_values``."""
-    return f.mul(k, f.sub(f.sub(f.mul(w, dy), a), f.mul(f.sub(x, m), b)))
+    mc, ac = f.centre(m, b, a)
+    return f.mul(f.coef(k), f.sub(f.sub(f.mul(f.coef(w), dy), f.coef(ac)),
+                                  f.mul(f.sub(x, f.coef(mc)), f.coef(b))))
 
 
 def _weighted_grad_affine(f, dy, x, w, k, q, r):
     """``(k * w) * dy + (q * x + r)``: ``_grad_values``, compact data."""
-    return f.add(f.mul(f.mul(k, w), dy), f.add(f.mul(q, x), r))
+    return f.add(f.mul(f.coef(f.mul(k, w)), dy), f.add(f.mul(f.coef(q), x), f.coef(r)))
 
 
 @intrinsic
@@ -148,10 +153,10 @@ def weighted_grad_affine_lines(typingctx, y, i0, i1, dy, x, w, k, q, r, fo, gres
 
 
 def _compact_type(a):
-    """``convert.compact`` at typing time: the value form of data of 4 bytes or
-    fewer.  The overloads below pick their form by it, so that a kernel compiles
-    the form its dtype runs only (a branch on ``compact(x)`` compiles both)."""
-    return a.dtype.bitwidth <= 32
+    """``convert.compact`` at typing time.  The overloads below pick their form by
+    it, so that a kernel compiles the form its dtype runs only (a branch on
+    ``compact(x)`` compiles both)."""
+    return compact_type(a.dtype)
 
 
 def normalize_lines(yr, h, e, xr, w, b, m, inv, rr, act):
@@ -198,11 +203,14 @@ def _normalize_values(xr, rr, yr, m, inv, w, b, act):
     layer norm's element-wise weight needs."""
     for j in range(yr.size):
         s = at(inv, j) * at(w, j)
-        if compact(xr):  # a constant of the compiled signature
-            v = load(xr[j]) * s + _offset(at(m, j), s, at(b, j))
+        if compact(xr):  # a constant of the compiled signature; each branch stores
+            # its own type (half data: float32, ``convert.coef``)
+            v = value(xr[j]) * coef(s, xr) + coef(_offset(at(m, j), s, at(b, j)), xr)
+            yr[j] = store(finish(v, rr, j, act), yr)
         else:
-            v = (load(xr[j]) - at(m, j)) * s + at(b, j)
-        yr[j] = store(finish(v, rr, j, act), yr)
+            m64, b64 = centre(at(m, j), s, at(b, j), xr)
+            v = (value(xr[j]) - coef(m64, xr)) * coef(s, xr) + coef(b64, xr)
+            yr[j] = store(finish(v, rr, j, act), yr)
 
 
 @njit(cache=True)
@@ -313,18 +321,18 @@ def _sample_statistics(x, n, K, R, wide, parts, block, sum_c, sqdev_c, eps, rms,
 
 
 @njit(cache=True)
-def _forward_tables(n, K, R, mu, inv, weight, bias, t):
-    """Sample ``n``'s coefficient rows (center, scale, shift, offset) of the
-    normalizing pass into ``t[:, j]``, column ``j`` in channel ``j // R % C``:
-    periodic, for ``forward._normalize_span``."""
+def _forward_tables(x, n, K, R, mu, inv, weight, bias, t):
+    """Sample ``n``'s coefficient rows (center, scale, shift, offset; center and
+    shift moved by ``convert.centre`` for ``x``) of the normalizing pass into
+    ``t[:, j]``, column ``j`` in channel ``j // R % C``: periodic, for
+    ``forward._normalize_span``."""
     C = weight.size
     for j in range(t.shape[1]):
         c = j // R % C
         g = c // K
         s = inv[n, g] * weight[c]
-        t[0, j] = mu[n, g]
+        t[0, j], t[2, j] = centre(mu[n, g], s, bias[c], x)
         t[1, j] = s
-        t[2, j] = bias[c]
         t[3, j] = _offset(mu[n, g], s, bias[c])
 
 
@@ -347,7 +355,7 @@ def forward_interleaved(x, K, R, wide, parts, chunks, block, sum_c, sqdev_c, eps
     passes: (sample, part) reductions, per-sample statistics and tables,
     (sample, chunk) normalization.  ``given``: ``mu``/``inv`` hold the
     statistics.  ``work``: float64 ``(N, parts, 4, wide * W)``; ``tables``:
-    ``(N, 4, W + LINE // itemsize)``.
+    ``(N, 4, W + LINE // itemsize)`` of ``x``'s compute type (``convert``).
 
     (Measured and dropped: a task per sample that reduces it and normalizes it
     from cache, as the planar kernels do per unit: GroupNorm(32, 256) on
@@ -364,7 +372,7 @@ def forward_interleaved(x, K, R, wide, parts, chunks, block, sum_c, sqdev_c, eps
         if not given:
             _sample_statistics(x, n, K, R, wide, parts, block, sum_c, sqdev_c, eps, rms, work,
                                mu, m2, inv)
-        _forward_tables(n, K, R, mu, inv, weight, bias, tables[n])
+        _forward_tables(x, n, K, R, mu, inv, weight, bias, tables[n])
     step = -(-S // chunks)
     for t in prange(N * chunks):
         n, ci = divmod(np.int64(t), chunks)
@@ -382,7 +390,7 @@ def _dual_sums_values(dy, fo, x, m, inv, w, gw, gb):
     s = 0.0
     sx = 0.0
     for j in range(x.size):
-        g = grad(dy, fo, j)
+        g = np.float64(grad(dy, fo, j))  # the sums are float64 for every dtype
         d = load(x[j]) - m
         wg = w[j] * g
         s += wg
@@ -432,9 +440,12 @@ def _grad_values(gr, fr, xr, yr, er, m, a, b, k, w):
         kj = at(k, j)
         if compact(xr):
             q, r = _affine_coeffs(at(m, j), at(a, j), at(b, j), kj)
-            yr[j] = store((kj * at(w, j)) * g + (q * load(xr[j]) + r), yr)
+            yr[j] = store(coef(kj * at(w, j), xr) * g + (coef(q, xr) * value(xr[j])
+                                                         + coef(r, xr)), yr)
         else:
-            yr[j] = store(kj * (at(w, j) * g - at(a, j) - (load(xr[j]) - at(m, j)) * at(b, j)),
+            m64, a64 = centre(at(m, j), at(b, j), at(a, j), xr)
+            yr[j] = store(coef(kj, xr) * (coef(at(w, j), xr) * g - coef(a64, xr)
+                                          - (value(xr[j]) - coef(m64, xr)) * coef(at(b, j), xr)),
                           yr)
         put(er, j, g)
 
@@ -770,7 +781,8 @@ def forward(x, weight, bias, eps, rms, out, mean, invstd, residual=None, relu=Fa
                                 *stats.unroll(x3.itemsize), eps, rms, given is not None,
                                 _table(weight, 1, C, 1.0)[0], _table(bias, 1, C, 0.0)[0],
                                 _work(N, parts, 4, wide * W), mu, m2, inv,
-                                np.empty((N, 4, W + streaming.LINE // x3.itemsize)), out3,
+                                np.empty((N, 4, W + streaming.LINE // x3.itemsize),
+                                         compute_dtype(x3.dtype)), out3,
                                 res3, act, _stream(out3))
     if mean is not None:
         mean[...] = mu
@@ -837,7 +849,7 @@ def backward(dy, x, mean, invstd, weight, rms, training, grad_input, grad_weight
                                         (N, S, W))
         wide, parts = stats.interleaved_split(S, W)
         acc = np.empty((N, 2, C))
-        rows = 3 if x3.itemsize <= 4 else 5
+        rows = 3 if compact_dtype(x3.dtype) else 5
         with launching():
             backward_interleaved(dy3, fo3, x3, K, R, wide, parts, _sample_chunks(N, S, W),
                                  config.ROWS_UNROLL_MIN_C, mu, inv, _table(weight, 1, C, 1.0)[0],

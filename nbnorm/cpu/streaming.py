@@ -12,11 +12,12 @@ aligned; Numba's loops promise no alignment, so a ``!nontemporal`` hint on
 their stores became scalar ``movntss`` and the loops stopped vectorizing
 (measured: forward-train NCHW float32 1.56 -> 2.10 copy-times).  So the
 aligned middle of each run is written here, by intrinsics that build the loop
-themselves: 64-byte vectors of the output dtype, computed in float64, stored
-with ``!nontemporal`` at 64-byte alignment.  The unaligned head and the tail
-are the caller's ordinary scalar loop (``span`` says where they are), written
-with the same float64 expressions, so streamed and ordinary results are the
-same bits.  A writer of streamed lines calls ``fence`` before its task ends:
+themselves: 64-byte vectors of the output dtype, computed in its compute type
+(``convert.compute_type``: float32 for half data, else float64), stored with
+``!nontemporal`` at 64-byte alignment.  The unaligned head and the tail are
+the caller's ordinary scalar loop (``span`` says where they are), written with
+the same expressions in the same types, so streamed and ordinary results are
+the same bits.  A writer of streamed lines calls ``fence`` before its task ends:
 non-temporal stores are not ordered with other stores until a fence.
 
 Every storage dtype streams (``convert.Convert``: float16 and bfloat16
@@ -44,7 +45,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .convert import Convert
+from .convert import Convert, compute_empty, compute_type
 
 #: Bytes of a cache line, and of one streamed vector.
 LINE = 64
@@ -97,38 +98,44 @@ def _lines(expr, tail, y, i0, i1, *operands):
     """The typing and code of an intrinsic ``f(y, i0, i1, *operands)`` writing
     ``y[i] = expr(operands at i)`` for ``i`` in ``[i0, i1)`` with streamed vector
     stores, where ``y[i0]`` is 64-byte aligned and ``i1 - i0`` a multiple of a
-    line.  An operand is a 1-D contiguous data array (any storage dtype of
-    ``convert``: float32, float64, float16 or bfloat16 bits), read at ``i``, or
-    a float64 scalar, broadcast; ``expr`` takes and returns float64 vectors
-    through an ``_Ops``.  The last two operands are the epilogue's (``tail``:
-    ``_FORWARD`` or ``_BACKWARD``), each None or present."""
-    return types.void(y, i0, i1, *operands), _codegen(expr, False, len(operands), tail)
+    line.  The first operands (``_DATA[tail]`` of them: ``x``, or ``dy`` and
+    ``x``) and the epilogue's arrays are data: 1-D contiguous arrays of any
+    storage dtype of ``convert`` (float32, float64, float16 or bfloat16 bits),
+    read at ``i`` into the compute type (``convert.compute_type``, the wider of
+    ``y``'s and theirs).  The others are coefficients, kept in their type: 1-D
+    float32 or float64 arrays read at ``i``, or scalars, broadcast (float32
+    ones as float32, others as float64).  ``expr`` takes these vectors and
+    returns one of the compute type, through an ``_Ops``, whose ``coef`` casts a
+    coefficient to the compute type as the scalar code's ``convert.coef`` does.
+    The last two operands are the epilogue's (``tail``: ``_FORWARD`` or
+    ``_BACKWARD``), each None or present."""
+    return types.void(y, i0, i1, *operands), _codegen(expr, False, tail)
 
 
-def _cols(expr, flat, tail, y, i0, i1, c0, period, stream, *operands):
+def _cols(expr, tail, y, i0, i1, c0, period, stream, *operands):
     """``_lines`` for rows of ``period`` columns laid end to end (a C-contiguous
     ``(rows, C)`` array as 1-D): ``f(y, i0, i1, c0, period, stream, *operands)``.
-    The first ``flat`` operands and the epilogue's are read at ``i``, like
-    ``y``; the other arrays are per-column float64 coefficients read at the
-    column ``c`` of ``i`` (``c0`` at ``i0``), so they must hold ``periodic``
-    values: a vector starting in the last columns of a row reads on past
-    ``period``.  A task then streams all its rows in one run, and only its own
+    The data are read at ``i``, like ``y``; the coefficient arrays per column
+    (float64, or the compute type) at the column ``c`` of ``i`` (``c0`` at
+    ``i0``), so they must hold ``periodic`` values: a vector starting in the
+    last columns of a row reads on past ``period``.  A task then streams all its rows in one run, and only its own
     two ends are not whole lines: per-row runs of an output at 16 bytes past a
     line (where glibc puts a large ``malloc``) leave a part line at every row
     boundary.  ``stream`` False stores ordinarily and unaligned, for any
     ``y[i0]`` and ``i1 - i0`` a multiple of a vector."""
     sig = types.void(y, i0, i1, c0, period, stream, *operands)
-    return sig, _codegen(expr, True, flat, tail)
+    return sig, _codegen(expr, True, tail)
 
 
 @njit(cache=True)
-def periodic(a, itemsize, repeat=1):
-    """``a`` extended periodically, in float64, for the coefficients of a ``_cols``
-    intrinsic writing ``itemsize``-byte values, each value of ``a`` serving
-    ``repeat`` consecutive columns: ``a.size * repeat + LINE // itemsize``
-    values, the ``j``-th ``a[j // repeat % a.size]``."""
+def periodic(a, y, repeat=1):
+    """``a`` extended periodically, in the compute type of ``y``
+    (``convert.compute_type``: each value rounded once, for half data), for the
+    coefficients of a ``_cols`` intrinsic writing ``y``, each value of ``a``
+    serving ``repeat`` consecutive columns: ``a.size * repeat + LINE //
+    y.itemsize`` values, the ``j``-th ``a[j // repeat % a.size]``."""
     period = a.size * repeat
-    p = np.empty(period + LINE // itemsize)
+    p = compute_empty(period + LINE // y.itemsize, y)
     # No division per value: for a 7x7 map's 25088-value rows, two integer
     # divisions a value cost ~1 ms for four tables, a quarter of a copy of x.
     j = 0
@@ -147,18 +154,24 @@ def periodic(a, itemsize, repeat=1):
 #: first operand (``dy``) masked by ``forward_out > 0``, and written to
 #: ``grad_residual``.
 _FORWARD, _BACKWARD = "forward", "backward"
+#: How many leading operands are data (``_lines``): ``x``; ``dy`` and ``x``.
+_DATA = {_FORWARD: 1, _BACKWARD: 2}
 
 
-def _codegen(expr, columns, flat, tail):
+def _codegen(expr, columns, tail):
+    flat = _DATA[tail]
+
     def codegen(context, builder, signature, args):
         yty = signature.args[0]
         first = 6 if columns else 3  # where the operands begin
         i64 = ir.IntType(64)
         i32 = ir.IntType(32)
         width = LINE * 8 // yty.dtype.bitwidth
-        vdouble = ir.VectorType(ir.DoubleType(), width)
-        zero = ir.Constant(vdouble, [0.0] * width)
-        conv = Convert(builder, width)
+        data = [yty] + [t for t in signature.args[first:first + flat] + signature.args[-2:]
+                        if isinstance(t, types.Array)]
+        compute = max((compute_type(t.dtype) for t in data), key=lambda t: t.bitwidth)
+        conv = Convert(builder, width, compute)
+        zero = ir.Constant(conv.compute(), [0.0] * width)
         a = context.cast(builder, args[1], signature.args[1], types.int64)
         b = context.cast(builder, args[2], signature.args[2], types.int64)
         nontemporal = builder.module.add_metadata([ir.Constant(i32, 1)])
@@ -182,15 +195,17 @@ def _codegen(expr, columns, flat, tail):
                                                                 [0] * width))
 
         # Scalars are broadcast once, outside the loop; arrays are loaded in it,
-        # at i (flat operands and the epilogue's) or at the column.
+        # at i (data, and every operand of ``_lines``) or at the column.
         optypes = signature.args[first:]
         body, (t1, t2) = list(zip(optypes[:-2], args[first:-2])), optypes[-2:]
         loaders = []
         for k, (ty, val) in enumerate(body):
             if isinstance(ty, types.Array):
-                loaders.append((ty, context.make_array(ty)(context, builder, val), k < flat))
+                loaders.append((ty, context.make_array(ty)(context, builder, val),
+                                k < flat or not columns))
             else:
-                loaders.append(splat(context.cast(builder, val, ty, types.float64)))
+                sty = ty if ty in (types.float32, types.float64) else types.float64
+                loaders.append(splat(context.cast(builder, val, ty, sty)))
         e1 = e2 = None  # the epilogue's operands, when present
         if isinstance(t1, types.Array):
             e1 = context.make_array(t1)(context, builder, args[-2])
@@ -210,7 +225,7 @@ def _codegen(expr, columns, flat, tail):
             stream = context.cast(builder, args[5], signature.args[5], types.boolean)
 
         def loop(streamed, streamed_gres):
-            ops = _Ops(builder)
+            ops = _Ops(builder, conv)
             if columns:
                 col = cgutils.alloca_once_value(
                     builder, context.cast(builder, args[3], signature.args[3], types.int64))
@@ -278,11 +293,21 @@ def _codegen(expr, columns, flat, tail):
 
 
 class _Ops:
-    """Plain IEEE float64 vector arithmetic (no fast-math flags, no contraction),
-    as Numba compiles the scalar expressions the callers use for head and tail."""
+    """Plain IEEE vector arithmetic (no fast-math flags, no contraction), as Numba
+    compiles the scalar expressions the callers use for head and tail; ``coef``
+    is ``convert.coef``: a coefficient in the compute type; ``centre``,
+    ``convert.centre``."""
 
-    def __init__(self, builder):
+    def __init__(self, builder, conv):
         self._b = builder
+        self._conv = conv
+
+    def coef(self, v):
+        return self._conv.narrowed(v)
+
+    def centre(self, c, s, t):
+        """``convert.centre`` of float64 coefficients."""
+        return self._conv.centred(c, s, t)
 
     def add(self, u, v):
         return self._b.fadd(u, v)
@@ -296,22 +321,23 @@ class _Ops:
 
 def _affine(f, x, center, scale, shift):
     """``(x - center) * scale + shift``: ``forward`` normalizing."""
-    return f.add(f.mul(f.sub(x, center), scale), shift)
+    return f.add(f.mul(f.sub(x, f.coef(center)), f.coef(scale)), f.coef(shift))
 
 
 def _scale_offset(f, x, scale, offset):
-    """``x * scale + offset``: ``forward`` normalizing float32 data."""
-    return f.add(f.mul(x, scale), offset)
+    """``x * scale + offset``: ``forward`` normalizing compact data."""
+    return f.add(f.mul(x, f.coef(scale)), f.coef(offset))
 
 
 def _grad(f, dy, x, mean, a, b, k):
     """``k * (dy - a - (x - mean) * b)``: ``backward``'s centred ``grad_input``."""
-    return f.mul(k, f.sub(f.sub(dy, a), f.mul(f.sub(x, mean), b)))
+    return f.mul(f.coef(k), f.sub(f.sub(dy, f.coef(a)),
+                                  f.mul(f.sub(x, f.coef(mean)), f.coef(b))))
 
 
 def _grad_affine(f, dy, x, k, q, r):
-    """``k * dy + (q * x + r)``: ``backward``'s float32 ``grad_input``."""
-    return f.add(f.mul(k, dy), f.add(f.mul(q, x), r))
+    """``k * dy + (q * x + r)``: ``backward``'s compact ``grad_input``."""
+    return f.add(f.mul(f.coef(k), dy), f.add(f.mul(f.coef(q), x), f.coef(r)))
 
 
 # Intrinsics take no *args: one explicit signature per expression.  The last two
@@ -345,26 +371,26 @@ def grad_affine_lines(typingctx, y, i0, i1, dy, x, k, q, r, fo, gres):
 @intrinsic
 def affine_cols(typingctx, y, i0, i1, c0, period, stream, x, center, scale, shift, res, act):
     """``affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_affine, 1, _FORWARD, y, i0, i1, c0, period, stream, x, center, scale, shift,
+    return _cols(_affine, _FORWARD, y, i0, i1, c0, period, stream, x, center, scale, shift,
                  res, act)
 
 
 @intrinsic
 def scale_offset_cols(typingctx, y, i0, i1, c0, period, stream, x, scale, offset, res, act):
     """``scale_offset_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_scale_offset, 1, _FORWARD, y, i0, i1, c0, period, stream, x, scale, offset,
+    return _cols(_scale_offset, _FORWARD, y, i0, i1, c0, period, stream, x, scale, offset,
                  res, act)
 
 
 @intrinsic
 def grad_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k, fo, gres):
     """``grad_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_grad, 2, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k,
+    return _cols(_grad, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, mean, a, b, k,
                  fo, gres)
 
 
 @intrinsic
 def grad_affine_cols(typingctx, y, i0, i1, c0, period, stream, dy, x, k, q, r, fo, gres):
     """``grad_affine_lines`` over rows of ``period`` columns (see ``_cols``)."""
-    return _cols(_grad_affine, 2, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, k, q, r,
+    return _cols(_grad_affine, _BACKWARD, y, i0, i1, c0, period, stream, dy, x, k, q, r,
                  fo, gres)
