@@ -11,6 +11,7 @@ The exit status is 1 when a check fails.
     python -m nbnorm                 # the issue-3 shapes, every dtype, with the epilogues
     python -m nbnorm --quick         # small shapes, a few rounds (tests, CI)
     python -m nbnorm --dtype float32 --rounds 21 --no-torch
+    python -m nbnorm --plot DIR      # also DIR/benchmark.png and DIR/benchmark.json
 
 Half dtypes' ratios are to the copy of the 2-byte array.  The epilogue rows
 (``+relu``, ``+add+relu``) are compared with PyTorch's unfused sequence
@@ -702,7 +703,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds per kernel (default 11, 3 with --quick)")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    p.add_argument("--plot", metavar="DIR",
+                   help="also write the table as DIR/benchmark.png (a bar chart of "
+                        "copy-times against the memory floor and PyTorch; needs matplotlib) "
+                        "and its numbers as DIR/benchmark.json")
     args = p.parse_args(argv)
+    if args.plot:
+        from . import plot
+        plot.require_matplotlib()  # before minutes of timing
 
     import numba
 
@@ -751,6 +759,9 @@ def main(argv=None):
         print("\nnbnorm.torch modules against torch.nn's, forward+backward through autograd "
               "(medians; torch/nbnorm > 1: nbnorm is faster):")
         print(format_module_rows(mrows))
+    if args.plot:
+        paths = plot.write(args.plot, rows, floor_rows, small, nrows, mrows)
+        print("\nwrote " + " and ".join(paths))
     failed = [r for r in rows if not r.ok] + small_failed + [
         r for r in nrows if not r[6] <= _tol(np.dtype(_dtype(r[1])))] + [
         r for r in mrows if not r[4] <= MODULE_TOL]

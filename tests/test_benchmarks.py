@@ -194,3 +194,66 @@ def test_asv_quick_dry_run(tmp_path):
     assert proc.returncode == 0, out
     assert "time_forward_train" in out and "SmallCall" in out, out
     assert "failed" not in out.lower(), out
+
+
+def test_torch_benchmarks_run_and_agree_with_pytorch():
+    """bench_torch's classes on the small shapes, and the table's module rows:
+    nbnorm.torch's results are PyTorch's (the rows' check)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import bench_torch
+    from nbnorm import bench
+
+    for cls, params in ((bench_torch.ModuleForwardBackward, [("contiguous", "small"),
+                                                             ("channels_last", "small")]),
+                        (bench_torch.SmallModule, [()]), (bench_torch.ResNetStep, [("small",)])):
+        for p in params:
+            b = cls()
+            b.setup(*p)
+            b.time_torch(*p)
+            b.time_nbnorm(*p)
+    rows = bench.torch_module_rows(torch, 1, quick=True)
+    assert [r[0].split()[0] for r in rows] == ["BatchNorm2d", "BatchNorm2d", "BatchNorm1d",
+                                               "small"]
+    assert all(r[4] <= bench.MODULE_TOL and r[3] > 0 for r in rows), rows
+
+
+def test_distributed_bytes_are_counted_and_independent_of_the_batch():
+    """What bench_distributed reports as sent: counted on the calls, the header
+    and 2C float64 per direction, the same for a batch of 2 and of 64."""
+    from benchmarks import bench_distributed
+    from nbnorm.distributed import HEADER, message_bytes
+
+    m = bench_distributed.MessageBytes()
+    for batch in m.params[1]:
+        m.setup(16, batch)
+        assert (m.track_forward(16, batch), m.track_backward(16, batch)) == \
+            message_bytes(16, 1) == (8 * (HEADER + 32),) * 2
+
+
+def test_plot_writes_the_table_as_figure_and_numbers(tmp_path, rng):
+    """``--plot DIR``'s writer: benchmark.json holds the table's numbers and each
+    kernel's floor, benchmark.png is a PNG."""
+    pytest.importorskip("matplotlib")
+    from nbnorm import bench, plot
+
+    rows = bench.run_case("NCHW", (2, 4, 3, 3), 1, np.dtype(np.float32), 1, None, rng,
+                          epilogues=False)
+    floors = {"float32": bench.floors([("NCHW", (2, 4, 3, 3), 1)], np.float32, 1, rng)}
+    json_path, png_path = plot.write(str(tmp_path / "out"), rows, floors)
+    with open(json_path) as f:
+        data = json.load(f)
+    assert [k["kernel"] for k in data["kernels"]] == list(bench.KERNELS)
+    _, rd, ew = floors["float32"][0]
+    for k, r in zip(data["kernels"], rows):
+        assert k["nbnorm_copies"] == r.nbnorm and k["torch_copies"] is None and k["ok"]
+        assert k["floor_copies"] == plot.floor_of(r.kernel, rd, ew)
+    with open(png_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
+    from nbnorm import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot.require_matplotlib()
