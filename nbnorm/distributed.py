@@ -29,7 +29,7 @@ leaves a collective with mismatched sizes undefined (a hang or garbage).  The
 fixed-size header lets every process learn that some process failed, or that
 the processes disagree on ``C`` or the dtype, and raise, before any message
 whose size depends on ``C``.  The cost is one more latency per direction,
-measured in ``python -m nbnorm.distributed --bench``.
+measured by ``mpiexec -n P python benchmarks/bench_distributed.py``.
 
 Errors: a bad argument on any process raises on every process (the same
 exception type, naming the rank; the failing process raises its own error),
