@@ -2,7 +2,8 @@
 
 A streamed output must be the same bits as an ordinary one, whatever the
 alignment of the output, the length of its runs or rows and the kernel path;
-the intrinsics must compute the same float64 expressions as the scalar code
+the intrinsics must compute the same expressions, in the same compute type
+(float64; float32 for half data), as the scalar code
 around them, and really emit non-temporal vector stores.
 """
 

@@ -17,7 +17,7 @@ compiles to straight-line code for its dtype.
   through float32 *rounded to odd* (truncated, its last bit set when inexact)
   and then to bfloat16 with round-to-nearest-even: float32 has more than two
   extra bits, so that is the correctly rounded result, bit for bit what
-  ``nbnorm.cpu.convert.f64_to_bf16`` gives.  NaN keeps the top of its payload
+  ``nbnorm.cpu.convert.store`` gives from float64.  NaN keeps the top of its payload
   and is made quiet, as on the CPU.
 
 The bit-level primitives come from libdevice on the GPU; the simulator has no
