@@ -105,7 +105,7 @@ class SyncOverhead:
         run = subprocess.run([mpiexec, "-n", str(processes), sys.executable, __file__,
                               "--json", "--shapes", "1"],
                              capture_output=True, text=True, timeout=280)
-        lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
+        lines = [ln for ln in run.stdout.splitlines() if ln.startswith("[")]
         if run.returncode or not lines:
             raise RuntimeError(run.stdout + run.stderr)
         self.rows = json.loads(lines[-1])
