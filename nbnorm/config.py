@@ -139,6 +139,12 @@ SERIALIZE_CPU_CALLS = None
 # (the simulator runs each thread in Python) and CUDA_MIN_BLOCK_ELEMENTS down
 # to force several blocks per channel on tiny arrays.
 
+#: nbnorm.torch's CPU outputs of at least this many bytes are allocated by
+#: NumPy (``torch/tensors.empty_like``), which requests transparent huge pages;
+#: PyTorch's allocator faults them in 4 KiB at a time.  NumPy's own threshold
+#: for the request is 4 MiB.
+TORCH_NUMPY_OUTPUT_BYTES = 4 << 20
+
 #: Threads per block of every CUDA kernel: a power of two in [32, 1024].
 CUDA_THREADS = 256
 #: Values each thread reduces as one register block (sum, then squared
