@@ -6,6 +6,15 @@ import pytest
 from numba import cuda
 
 import nbnorm.norms as nn
+from nbnorm import config
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """32 threads a block: the simulator runs each thread as a Python thread
+    (256 made these tests take minutes), and a unit of more than 32 values
+    still spans several threads' strides and the block reduction."""
+    monkeypatch.setattr(config, "CUDA_THREADS", 32)
 
 
 def _host(a):
