@@ -275,6 +275,17 @@ def _scalar(value, name, low, high, low_open):
     return v
 
 
+def _positive_int(value, name):
+    """``value`` as an int of at least 1 (a count of features, channels, groups)."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be at least 1, got {n}")
+    return n
+
+
 def _flag(value, name):
     """A bool argument: bools and the integers 0 and 1, nothing truthy by accident."""
     if value is True or value is False:

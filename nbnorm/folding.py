@@ -11,14 +11,13 @@ nothing to the fold beyond that one rounding.
 """
 
 import math
-import operator
 import sys
 from typing import NamedTuple
 
 import numpy as np
 
 from . import dtypes
-from .api import _axis, _scalar
+from .api import _axis, _positive_int, _scalar
 
 
 class FoldResult(NamedTuple):
@@ -60,16 +59,6 @@ def _per_channel(a, name, C):
         raise ValueError(f"{name} must have shape ({C},) (one value per output channel), "
                          f"got {a.shape}")
     return a
-
-
-def _groups(groups):
-    try:
-        g = operator.index(groups)
-    except TypeError:
-        raise TypeError(f"groups must be an integer, got {groups!r}") from None
-    if g < 1:
-        raise ValueError(f"groups must be at least 1, got {g}")
-    return g
 
 
 def _out_channels(shape, axis, groups):
@@ -143,7 +132,7 @@ def fold(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, 
     if w.ndim < 2:
         raise ValueError(f"conv_weight must have at least 2 dimensions, got shape {w.shape}")
     ax = _axis(axis, w.ndim)
-    g = _groups(groups)
+    g = _positive_int(groups, "groups")
     C = _out_channels(w.shape, ax, g)
     eps = _scalar(eps, "eps", 0.0, math.inf, low_open=True)
     cb = _per_channel(conv_bias, "conv_bias", C)

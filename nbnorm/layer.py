@@ -20,7 +20,8 @@ import numpy as np
 
 from . import dtypes
 from . import norms
-from .api import _activation, _axis, _data, _flag, _on_device, _scalar, backward, forward
+from .api import (_activation, _axis, _data, _flag, _on_device, _positive_int, _scalar,
+                  backward, forward)
 from .folding import host_array
 
 _FLOAT_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -252,7 +253,7 @@ class BatchNorm(_Layer):
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, bias=True,
                  track_running_stats=True, axis=1, dtype=np.float32, activation=None):
-        C = _count(num_features, "num_features")
+        C = _positive_int(num_features, "num_features")
         try:
             axis = operator.index(axis)
         except TypeError:
@@ -595,7 +596,7 @@ class GroupNorm(_Norm):
 
     def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, axis=1,
                  dtype=np.float32, activation=None):
-        C = _count(num_channels, "num_channels")
+        C = _positive_int(num_channels, "num_channels")
         self.num_groups = norms._groups(num_groups, C)
         self.num_channels = C
         try:
@@ -632,14 +633,7 @@ class _RowNorm(_Norm):
     _rows = True
 
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, dtype, activation):
-        try:
-            shape = (operator.index(normalized_shape),)
-        except TypeError:
-            try:
-                shape = tuple(operator.index(d) for d in normalized_shape)
-            except TypeError:
-                raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
-                                f"got {normalized_shape!r}") from None
+        shape = norms._shape_tuple(normalized_shape)
         if not shape or min(shape) < 1:
             raise ValueError(f"normalized_shape must be positive sizes, got {shape}")
         self.normalized_shape = shape
@@ -711,13 +705,3 @@ class RMSNorm(_RowNorm):
 
     def _apply_backward(self, grad_out, x, invrms, weight, **kw):
         return norms.rms_norm_backward(grad_out, x, invrms, weight, **kw)
-
-
-def _count(value, name):
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be at least 1, got {n}")
-    return n

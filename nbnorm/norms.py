@@ -117,19 +117,24 @@ def _channel_axis(axis, x):
     return ax
 
 
-def _normalized_shape(normalized_shape, x):
-    """``normalized_shape`` (an int or a sequence of ints): the trailing axes of ``x``."""
+def _shape_tuple(normalized_shape):
+    """``normalized_shape`` (an int or a sequence of ints) as a tuple of ints."""
     if isinstance(normalized_shape, (bool, np.bool_)):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
                         f"{normalized_shape!r}")
     try:
-        shape = (operator.index(normalized_shape),)
+        return (operator.index(normalized_shape),)
     except TypeError:
         try:
-            shape = tuple(operator.index(d) for d in normalized_shape)
+            return tuple(operator.index(d) for d in normalized_shape)
         except TypeError:
             raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
                             f"{normalized_shape!r}") from None
+
+
+def _normalized_shape(normalized_shape, x):
+    """``normalized_shape`` (an int or a sequence of ints): the trailing axes of ``x``."""
+    shape = _shape_tuple(normalized_shape)
     k = len(shape)
     if k == 0 or k > x.ndim or tuple(x.shape[x.ndim - k:]) != shape:
         raise ValueError(f"normalized_shape {shape} must be the trailing axes of x's shape "
