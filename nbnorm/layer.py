@@ -56,7 +56,8 @@ class _Layer:
     _pending = None
 
     def _state_shapes(self):
-        """``{key: shape}`` of the layer's float state, in state-dict order."""
+        """``{key: shape}`` of the layer's float state, in state-dict order: the
+        parameters (a bias only ever comes with a weight)."""
         return {k: self.weight.shape for k in ("weight", "bias") if getattr(self, k) is not None}
 
     def _state_keys(self):
@@ -475,12 +476,8 @@ class _Norm(_Layer):
         self.weight = np.ones(param_shape, dt) if affine else None
         self.bias = np.zeros(param_shape, dt) if use_bias else None
         self.grad_weight = self.grad_bias = self.grad_residual = None
-        self._param_shape = param_shape
         self._pending = None
         self._buffers = {}
-
-    def _state_shapes(self):
-        return {k: self._param_shape for k in ("weight", "bias") if getattr(self, k) is not None}
 
     def reset_parameters(self):
         """Weight 1 and bias 0, in place."""
@@ -604,7 +601,7 @@ class GroupNorm(_Norm):
         except TypeError:
             raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
         super().__init__((C,), eps, affine, True, dtype, activation)
-        self.affine = affine
+        self.affine = self.weight is not None
 
     def _check_shape(self, x):
         ax = norms._channel_axis(self.axis, x)
