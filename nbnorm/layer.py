@@ -255,10 +255,7 @@ class BatchNorm(_Layer):
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, bias=True,
                  track_running_stats=True, axis=1, dtype=np.float32, activation=None):
         C = _positive_int(num_features, "num_features")
-        try:
-            axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        axis = _axis_arg(axis)
         try:
             dt = np.dtype(dtype)
         except TypeError:
@@ -596,10 +593,7 @@ class GroupNorm(_Norm):
         C = _positive_int(num_channels, "num_channels")
         self.num_groups = norms._groups(num_groups, C)
         self.num_channels = C
-        try:
-            self.axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        self.axis = _axis_arg(axis)
         super().__init__((C,), eps, affine, True, dtype, activation)
         self.affine = self.weight is not None
 
@@ -702,3 +696,11 @@ class RMSNorm(_RowNorm):
 
     def _apply_backward(self, grad_out, x, invrms, weight, **kw):
         return norms.rms_norm_backward(grad_out, x, invrms, weight, **kw)
+
+
+def _axis_arg(axis):
+    """A layer's ``axis`` as an int (checked against ``x.ndim`` at each call)."""
+    try:
+        return operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
